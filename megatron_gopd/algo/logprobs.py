@@ -1,0 +1,272 @@
+"""Vocab-parallel, chunked per-token statistics of TP-sharded logits.
+
+Shapes: a logits shard is [batch, seq, Vp/tp] (any float dtype). Shard r of a TP group of size n holds columns
+[r*Vp/n, (r+1)*Vp/n) of the padded vocabulary Vp; columns at or beyond the true `vocab_size` are Megatron's padding
+and are treated as -inf logits (they get zero probability and zero gradient).
+
+Why hand-written: megatron-core's `vocab_parallel_cross_entropy` keeps the whole fp32 softmax alive for backward and
+gives no entropy or KL. Here each function is an autograd.Function that walks the flattened tokens in chunks,
+computes in fp32 per chunk only, saves the logits reference plus a few fp32 numbers per token, and recomputes the
+chunk's softmax in backward. Extra memory is therefore one chunk of fp32 temporaries (plus the logits gradient
+itself, which autograd needs anyway). Each chunk costs two small all-reduces over the TP group (max, then sums);
+backward needs none, because the global normalisers are saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+# Default fp32 working set per chunk. Small chunks stay cache-resident on CPU; on GPU 32 MiB is still millions of
+# elements per kernel, so launch overhead stays negligible.
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+class _Shard:
+    """Where this rank's logits columns sit in the true vocabulary, and how tokens are chunked."""
+
+    def __init__(self, logits: torch.Tensor, tp_group, vocab_size: int, chunk_tokens: int | None):
+        self.group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+        tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+        tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+        local_vocab = logits.shape[-1]
+        if not 0 < vocab_size <= local_vocab * tp_size:
+            raise ValueError(
+                f"vocab_size={vocab_size} must be in [1, padded vocab {local_vocab * tp_size}] "
+                f"(logits shard width {local_vocab} x tp {tp_size})"
+            )
+        self.start = tp_rank * local_vocab
+        # Columns [0, n_valid) of the shard are real tokens; the rest is padding (possibly the whole shard).
+        self.n_valid = local_vocab
+        if chunk_tokens is None:
+            chunk_tokens = max(1, DEFAULT_CHUNK_BYTES // (4 * local_vocab))
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.chunk_tokens = chunk_tokens
+
+    def chunks(self, n_tokens: int) -> Iterator[slice]:
+        for lo in range(0, n_tokens, self.chunk_tokens):
+            yield slice(lo, min(lo + self.chunk_tokens, n_tokens))
+
+    def scaled(self, flat_logits: torch.Tensor, rows: slice, temperature: float, *, writable: bool) -> torch.Tensor:
+        """fp32 (logits / temperature) of the chunk's real-vocab columns; a fresh tensor when `writable`."""
+        x = flat_logits[rows, : self.n_valid]
+        if x.dtype == torch.float32 and temperature == 1.0:
+            return x.clone() if writable else x
+        x = x.float() if x.dtype != torch.float32 else x.clone()
+        return x.div_(temperature) if temperature != 1.0 else x
+
+    def global_max(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Row maxima over the whole vocabulary, one all-reduce for all `xs` ([tokens, V] each -> [tokens] each).
+        A shard of pure padding contributes -inf."""
+        if self.n_valid:
+            m = torch.stack([x.amax(dim=-1) for x in xs], dim=-1)
+        else:
+            m = xs[0].new_full((xs[0].shape[0], len(xs)), -math.inf)
+        if self.group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        return m.unbind(-1)
+
+    def global_sum(self, packed: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            dist.all_reduce(packed, group=self.group)
+        return packed
+
+    def local_target_index(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index into the shard's real columns, clamped to be safe; mask of targets that live on this shard)."""
+        local = targets - self.start
+        on_shard = (local >= 0) & (local < self.n_valid)
+        return local.clamp(0, max(self.n_valid - 1, 0)), on_shard
+
+
+def _check_inputs(logits: torch.Tensor, name: str, temperature: float) -> None:
+    if logits.dim() < 2 or not logits.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor [..., vocab_shard], got {tuple(logits.shape)} {logits.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _flatten(logits: torch.Tensor) -> torch.Tensor:
+    # A view for contiguous logits (Megatron's GPTModel returns them contiguous); otherwise one copy in their dtype.
+    return logits.reshape(-1, logits.shape[-1])
+
+
+class _TokenLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, shard: _Shard, temperature: float, with_entropy: bool):
+        flat, flat_targets = _flatten(logits), targets.reshape(-1)
+        n = flat.shape[0]
+        logprobs = flat.new_empty(n, dtype=torch.float32)
+        entropy = flat.new_empty(n, dtype=torch.float32) if with_entropy else None
+        lse = flat.new_empty(n, dtype=torch.float32)
+        for rows in shard.chunks(n):
+            x = shard.scaled(flat, rows, temperature, writable=True)
+            (m,) = shard.global_max(x)
+            shifted = x.sub_(m.unsqueeze(-1))
+            exp = shifted.exp()
+            idx, on_shard = shard.local_target_index(flat_targets[rows])
+            target_shifted = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) if shard.n_valid else m.new_zeros(m.shape)
+            stats = [exp.sum(-1), target_shifted.masked_fill(~on_shard, 0.0)]
+            if with_entropy:
+                # sum_j e_j * s_j as a batched dot product: no [tokens, V] temporary.
+                stats.append(torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(-1)).view(-1))
+            sum_exp, target, *rest = shard.global_sum(torch.stack(stats, dim=-1)).unbind(-1)
+            log_z = sum_exp.log()
+            logprobs[rows] = target - log_z
+            lse[rows] = m + log_z
+            if with_entropy:
+                entropy[rows] = log_z - rest[0] / sum_exp
+        ctx.shard, ctx.temperature, ctx.logits_shape = shard, temperature, logits.shape
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(flat, flat_targets, lse, entropy if with_entropy else lse.new_empty(0))
+        shape = targets.shape
+        return logprobs.view(shape), entropy.view(shape) if with_entropy else None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropy):
+        flat, flat_targets, lse, entropy = ctx.saved_tensors
+        shard, temperature = ctx.shard, ctx.temperature
+        grad = torch.empty_like(flat)
+        grad[:, shard.n_valid :].zero_()
+        if grad_logprobs is None and grad_entropy is None:
+            return grad.zero_().view(ctx.logits_shape), None, None, None, None
+        # d logp_t / dx_j = 1[j=t] - p_j ;  dH / dx_j = -p_j (log p_j + H) ; x = logits / T.
+        g_lp = grad_logprobs.reshape(-1).float() if grad_logprobs is not None else None
+        g_h = grad_entropy.reshape(-1).float() if grad_entropy is not None else None
+        for rows in shard.chunks(flat.shape[0]):
+            if not shard.n_valid:
+                break
+            log_p = shard.scaled(flat, rows, temperature, writable=True).sub_(lse[rows].unsqueeze(-1))
+            p = log_p.exp()
+            coef = torch.zeros_like(lse[rows]) if g_lp is None else g_lp[rows] / -temperature
+            if g_h is not None:
+                coef_h = (g_h[rows] / -temperature).unsqueeze(-1)
+                p.mul_(log_p.add_(entropy[rows].unsqueeze(-1)).mul_(coef_h).add_(coef.unsqueeze(-1)))
+            else:
+                p.mul_(coef.unsqueeze(-1))
+            if g_lp is not None:
+                idx, on_shard = shard.local_target_index(flat_targets[rows])
+                p.scatter_add_(-1, idx.unsqueeze(-1), (g_lp[rows] / temperature * on_shard).unsqueeze(-1))
+            grad[rows, : shard.n_valid] = p
+        return grad.view(ctx.logits_shape), None, None, None, None
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: dist.ProcessGroup | None = None,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each target token and the entropy of the full next-token distribution, under softmax(logits / T).
+
+    logits: this rank's vocab shard [batch, seq, Vp/tp] (the full [.., V] when `tp_group` is None or of size 1).
+    targets: [batch, seq] int64 token ids in [0, vocab_size) (global ids, identical on every TP rank).
+    vocab_size: the true vocabulary size; padded columns are excluded. chunk_tokens: tokens per chunk (default:
+    a ~32 MiB fp32 working set). Returns fp32 [batch, seq] log-probs and entropy (None unless `with_entropy`);
+    both are differentiable w.r.t. `logits`, whose gradient arrives in the logits' dtype.
+    """
+    _check_inputs(logits, "logits", temperature)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits shape without vocab {tuple(logits.shape[:-1])}")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
+        raise ValueError(
+            f"targets must be token ids in [0, vocab_size={vocab_size}), got range "
+            f"[{int(targets.min())}, {int(targets.max())}] (mask ignored positions with a valid id, e.g. pad)"
+        )
+    shard = _Shard(logits, tp_group, vocab_size, chunk_tokens)
+    return _TokenLogprobEntropy.apply(logits, targets, shard, float(temperature), with_entropy)
+
+
+class _FullVocabGopdKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, ref, shard: _Shard, lam: float, temperature: float):
+        flat_s, flat_t = _flatten(student), _flatten(teacher)
+        flat_r = _flatten(ref) if ref is not None else None
+        n = flat_s.shape[0]
+        kl = flat_s.new_empty(n, dtype=torch.float32)
+        lse_s, lse_u = kl.new_empty(n), kl.new_empty(n)
+        for rows in shard.chunks(n):
+            x, u = _student_and_target(shard, flat_s, flat_t, flat_r, rows, lam, temperature)
+            m_s, m_u = shard.global_max(x, u)
+            # Work with max-shifted x and u: smaller magnitudes, less cancellation in the KL sum.
+            x, u = x.sub_(m_s.unsqueeze(-1)), u.sub_(m_u.unsqueeze(-1))
+            exp_s = x.exp()
+            sum_u = u.exp().sum(-1)
+            diff = x.sub_(u)
+            dot = torch.bmm(exp_s.unsqueeze(1), diff.unsqueeze(-1)).view(-1)  # sum_j e_j (x_j - u_j), no temporary
+            sum_s, sum_u, dot = shard.global_sum(torch.stack([exp_s.sum(-1), sum_u, dot], -1)).unbind(-1)
+            log_z_s, log_z_u = sum_s.log(), sum_u.log()
+            lse_s[rows], lse_u[rows] = m_s + log_z_s, m_u + log_z_u
+            # KL(p || q) = sum_j p_j (x_j - u_j) - log Z_x + log Z_u, where log q = u - lse(u).
+            kl[rows] = dot / sum_s - log_z_s + log_z_u
+        ctx.shard, ctx.lam, ctx.temperature, ctx.has_ref, ctx.shape = shard, lam, temperature, ref is not None, student.shape
+        ctx.save_for_backward(flat_s, flat_t, flat_r if ref is not None else kl.new_empty(0), lse_s, lse_u, kl)
+        return kl.view(student.shape[:-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl):
+        flat_s, flat_t, flat_r, lse_s, lse_u, kl = ctx.saved_tensors
+        shard, lam, temperature = ctx.shard, ctx.lam, ctx.temperature
+        flat_r = flat_r if ctx.has_ref else None
+        grad = torch.empty_like(flat_s)
+        grad[:, shard.n_valid :].zero_()
+        g = grad_kl.reshape(-1).float() / temperature
+        # dKL/dx_j = p_j (log p_j - log q_j - KL).
+        for rows in shard.chunks(flat_s.shape[0]):
+            if not shard.n_valid:
+                break
+            x, u = _student_and_target(shard, flat_s, flat_t, flat_r, rows, lam, temperature)
+            p = (x - lse_s[rows].unsqueeze(-1)).exp_()
+            log_ratio = x.sub_(u).add_((lse_u[rows] - lse_s[rows] - kl[rows]).unsqueeze(-1))
+            grad[rows, : shard.n_valid] = p.mul_(log_ratio).mul_(g[rows].unsqueeze(-1))
+        return grad.view(ctx.shape), None, None, None, None, None
+
+
+def _student_and_target(shard, flat_s, flat_t, flat_r, rows, lam, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 chunk of x = student/T and u = lam * teacher/T + (1 - lam) * ref/T (q = softmax(u); the per-model
+    log-normalisers are constant along the vocabulary, so they drop out of softmax(lam z_T + (1 - lam) z_ref))."""
+    x = shard.scaled(flat_s, rows, temperature, writable=True)
+    u = shard.scaled(flat_t, rows, temperature, writable=True)
+    if flat_r is not None:
+        u.mul_(lam).add_(shard.scaled(flat_r, rows, temperature, writable=False), alpha=1.0 - lam)
+    return x, u
+
+
+def full_vocab_gopd_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    lam: float,
+    tp_group: dist.ProcessGroup | None = None,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Exact per-token KL(pi_theta || pi_lam), pi_lam = softmax(lam * z_T + (1 - lam) * z_ref), z = log_softmax(logits / T).
+
+    All three logits are shards on the same vocabulary partition ([batch, seq, Vp/tp], same shape). pi_lam is the
+    G-OPD optimum, so minimising this per token reaches the same fixed point as the sampled-token estimator, with
+    no sampling variance. `ref_logits` may be None only when lam == 1 (then the target is the teacher itself).
+    Returns fp32 [batch, seq], differentiable w.r.t. `student_logits` only.
+    """
+    _check_inputs(student_logits, "student_logits", temperature)
+    if ref_logits is None and lam != 1.0:
+        raise ValueError(f"ref_logits is None but lam={lam}: the reference only cancels at lam == 1")
+    for name, other in (("teacher_logits", teacher_logits), ("ref_logits", ref_logits)):
+        if other is not None and other.shape != student_logits.shape:
+            raise ValueError(f"{name} shape {tuple(other.shape)} != student_logits shape {tuple(student_logits.shape)}")
+    shard = _Shard(student_logits, tp_group, vocab_size, chunk_tokens)
+    return _FullVocabGopdKL.apply(
+        student_logits, teacher_logits.detach(), ref_logits.detach() if ref_logits is not None else None,
+        shard, float(lam), float(temperature),
+    )

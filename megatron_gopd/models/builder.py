@@ -1,0 +1,129 @@
+"""Build one pipeline stage of a megatron-core GPTModel for a HF architecture, and fill it with HF weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_gopd.models.architectures import ModelDims, padded_vocab_size, transformer_config
+from megatron_gopd.models.weights import local_to_global_name, resolved_weights, to_megatron_shard
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(dims: ModelDims, fp8: str | None):
+    if transformer_engine_available():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=dims.qk_norm)
+    if fp8:
+        raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a CUDA GPU, which this process does not have")
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=dims.qk_norm)
+
+
+def build_model(
+    dims: ModelDims,
+    pgc: ProcessGroupCollection,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 1234,
+    fp8: str | None = None,
+    fp8_recipe: str = "delayed",
+) -> GPTModel:
+    """This rank's pipeline stage of the model, TP-sharded over `pgc.tp`, randomly initialised from `seed`."""
+    tp, pp = pgc.tp.size(), pgc.pp.size()
+    config = transformer_config(dims, tp=tp, pp=pp, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe)
+    # Seeds the per-TP-rank RNG states; with CPU initialisation the full weight is drawn then sliced, so the
+    # initial model is the same at every TP size.
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pgc.tp.rank(), ep_rank=0, etp_rank=0)
+    torch.manual_seed(seed)
+    pp_rank = pgc.pp.rank()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(dims, fp8),
+        vocab_size=padded_vocab_size(dims.vocab_size),
+        max_sequence_length=dims.max_position_embeddings,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1,
+        share_embeddings_and_output_weights=dims.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(dims.rope_theta),
+        pg_collection=pgc,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def layer_offset(model: GPTModel) -> int:
+    return get_transformer_layer_offset(model.config, vp_stage=None, pp_rank=model.pg_collection.pp.rank())
+
+
+class HFWeights:
+    """Lazy access to the tensors of a HF checkpoint directory (safetensors, sharded or not) or a state dict."""
+
+    def __init__(self, source: str | Path | dict[str, torch.Tensor]):
+        self._state = source if isinstance(source, dict) else None
+        self._files: dict[str, Path] = {}
+        if self._state is None:
+            root = Path(source)
+            index = root / "model.safetensors.index.json"
+            if index.is_file():
+                self._files = {k: root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            elif (root / "model.safetensors").is_file():
+                from safetensors import safe_open
+
+                with safe_open(root / "model.safetensors", "pt") as f:
+                    self._files = {k: root / "model.safetensors" for k in f.keys()}
+            else:
+                raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {root}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._state if self._state is not None else self._files)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[name]
+        if name not in self._files:
+            raise KeyError(f"tensor {name!r} is missing from the HF checkpoint")
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+@torch.no_grad()
+def load_hf_weights(model: GPTModel, dims: ModelDims, weights: HFWeights) -> None:
+    """Copies HF weights into this rank's shard of the model. Each rank reads only the tensors it needs."""
+    by_global = {w.megatron: w for w in resolved_weights(dims)}
+    tp_rank, tp = model.pg_collection.tp.rank(), model.pg_collection.tp.size()
+    offset = layer_offset(model)
+    for local_name, param in model.named_parameters():
+        global_name = local_to_global_name(local_name, offset)
+        if global_name == "output_layer.weight" and dims.tie_word_embeddings:
+            # The last pipeline stage keeps its own copy of the tied embedding.
+            global_name = "embedding.word_embeddings.weight"
+        weight = by_global.get(global_name)
+        if weight is None:
+            raise KeyError(f"megatron parameter {local_name} has no entry in the {dims.model_type} weight map")
+        shard = to_megatron_shard(dims, weight, [weights[n] for n in weight.hf], tp_rank, tp)
+        if shard.shape != param.shape:
+            raise ValueError(f"{local_name}: HF weights give shape {tuple(shard.shape)}, model has {tuple(param.shape)}")
+        param.copy_(shard)

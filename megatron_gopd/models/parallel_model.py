@@ -1,0 +1,211 @@
+"""A megatron GPTModel stage with its process groups: forward passes and training steps over micro-batches.
+
+Every pass goes through megatron-core's `forward_backward_func` (1F1B when PP > 1) with the role's own
+ProcessGroupCollection, so the same code runs a student, a dedicated teacher or a colocated one.
+
+Per-token tensors are aligned with the tokens: entry t of a [batch, seq] tensor is about token t given the
+tokens before it (entry 0, which has no context, is 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
+from megatron_gopd.models.architectures import ModelDims
+
+MicroBatch = dict[str, torch.Tensor]  # "tokens" [b, s] plus any per-token inputs of the loss
+# (micro-batch, logprobs [b, s], entropy [b, s] | None, logits shard [b, s, V/tp]) -> (loss, metrics)
+LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def shifted_token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, tp_group, *, vocab_size: int, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(tokens[t] | tokens[<t]) from vocab-parallel logits, aligned with `tokens` (entry 0 is 0)."""
+    lp, ent = token_logprobs_and_entropy(
+        logits[:, :-1], tokens[:, 1:], tp_group, vocab_size=vocab_size, temperature=temperature,
+        with_entropy=with_entropy,
+    )
+    pad = lp.new_zeros(lp.shape[0], 1)
+    return torch.cat([pad, lp], 1), (torch.cat([pad, ent], 1) if ent is not None else None)
+
+
+@dataclass
+class ParallelModel:
+    """One pipeline stage of a (TP x PP)-sharded model, DP-replicated over `pgc.dp`."""
+
+    module: torch.nn.Module  # a GPTModel, or the DDP wrapper around it
+    dims: ModelDims
+
+    @property
+    def gpt(self) -> GPTModel:
+        return self.module.module if isinstance(self.module, DistributedDataParallel) else self.module
+
+    @property
+    def pgc(self):
+        return self.gpt.pg_collection
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pgc.pp.rank() == self.pgc.pp.size() - 1
+
+    def run(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float, forward_only: bool,
+            with_entropy: bool = True) -> list[dict]:
+        """Runs megatron's schedule over the micro-batches (all of one shape). Returns, on the last pipeline
+        stage, each micro-batch's metrics dict; elsewhere an empty list."""
+        pgc, config = self.pgc, self.gpt.config
+        batch, seq = micro_batches[0]["tokens"].shape
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            tokens = mb["tokens"]
+            positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
+            output = model(tokens, positions, None)
+
+            def loss_func(logits):
+                lp, ent = shifted_token_logprobs(
+                    logits, tokens, pgc.tp, vocab_size=self.dims.vocab_size, temperature=temperature,
+                    with_entropy=with_entropy,
+                )
+                return loss_fn(mb, lp, ent, logits)
+
+            return output, loss_func
+
+        pp = pgc.pp.size()
+        schedule = get_forward_backward_func(pp_size=pp, vp_size=None)
+        extra = {"p2p_communicator": P2PCommunicator(pp_group=pgc.pp, config=config)} if pp > 1 else {}
+        return schedule(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[self.module],
+            num_microbatches=len(micro_batches),
+            seq_length=seq,
+            micro_batch_size=batch,
+            forward_only=forward_only,
+            pg_collection=pgc,
+            **extra,
+        )
+
+    @torch.no_grad()
+    def token_logprobs(self, micro_batches: list[MicroBatch], *, temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per-token log-probs [b, s] of each micro-batch, on every rank of the model's TP x PP group."""
+        def keep(mb, lp, ent, logits):
+            return lp.new_zeros(()), {"logprobs": lp}
+
+        self.module.eval()
+        outputs = self.run(micro_batches, keep, temperature=temperature, forward_only=True, with_entropy=False)
+        results = [o["logprobs"] for o in outputs] if self.is_last_stage else [
+            torch.empty(mb["tokens"].shape) for mb in micro_batches
+        ]
+        if self.pgc.pp.size() > 1:  # the last stage computed them; the other stages need them too
+            last = dist.get_global_rank(self.pgc.pp, self.pgc.pp.size() - 1)
+            for r in results:
+                dist.broadcast(r, src=last, group=self.pgc.pp)
+        return results
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None: the whole run
+    decay_style: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    distributed_optimizer: bool = True
+
+
+@contextlib.contextmanager
+def _world_collectives_scoped_to(role_world: dist.ProcessGroup):
+    """get_megatron_optimizer aligns param groups with an all_gather_object over the WHOLE world; the teacher
+    ranks never join it, so it would hang. Scope group-less world collectives to the student's own ranks."""
+    get_world_size, all_gather_object = dist.get_world_size, dist.all_gather_object
+
+    def scoped_world_size(group=None):
+        return get_world_size(role_world if group is None else group)
+
+    def scoped_all_gather_object(object_list, obj, group=None):
+        return all_gather_object(object_list, obj, group=role_world if group is None else group)
+
+    dist.get_world_size, dist.all_gather_object = scoped_world_size, scoped_all_gather_object
+    try:
+        yield
+    finally:
+        dist.get_world_size, dist.all_gather_object = get_world_size, all_gather_object
+
+
+class TrainableModel(ParallelModel):
+    """The student: megatron DDP + the (distributed) optimizer + an LR schedule."""
+
+    def __init__(self, gpt: GPTModel, dims: ModelDims, optim: OptimConfig, role_world: dist.ProcessGroup,
+                 total_steps: int):
+        config, pgc = gpt.config, gpt.pg_collection
+        ddp = DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=optim.distributed_optimizer
+            ),
+            module=gpt,
+            pg_collection=pgc,
+        )
+        super().__init__(ddp, dims)
+        optimizer_config = OptimizerConfig(
+            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad, use_distributed_optimizer=optim.distributed_optimizer,
+            bf16=config.bf16, params_dtype=config.params_dtype,
+        )
+        with _world_collectives_scoped_to(role_world):
+            self.optimizer = get_megatron_optimizer(
+                optimizer_config, [ddp], use_gloo_process_groups=False, pg_collection=pgc
+            )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps, lr_decay_steps=optim.decay_steps or max(total_steps, 1),
+            lr_decay_style=optim.decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+            wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+        )
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = ddp.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float,
+                   with_entropy: bool = True) -> tuple[list[dict], dict]:
+        """One optimizer step over this DP rank's micro-batches.
+
+        `loss_fn` must return each micro-batch's share of the GLOBAL loss (its sum of terms divided by the
+        global normaliser). Megatron divides each micro-batch loss by the number of micro-batches and DDP
+        averages over DP, so we scale that back: the gradient is then exactly the global sum's gradient.
+        """
+        scale = len(micro_batches) * self.pgc.dp.size()
+
+        def scaled_loss(mb, lp, ent, logits):
+            loss, metrics = loss_fn(mb, lp, ent, logits)
+            return loss * scale, metrics
+
+        self.module.train()
+        self.module.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self.run(micro_batches, scaled_loss, temperature=temperature, forward_only=False,
+                           with_entropy=with_entropy)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        return outputs, {"grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
+                         "lr": self.optimizer.param_groups[0]["lr"]}

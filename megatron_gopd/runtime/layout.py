@@ -1,0 +1,148 @@
+"""The role layout: which ranks hold the student, and which hold each frozen model (teachers, reference).
+
+The student occupies ranks [0, student_size) as an ordinary Megatron TP x PP x DP grid. A `dedicated` frozen
+model gets ranks of its own after the student's; a `colocated` one shares the student's ranks and process
+groups (it runs between the student's phases, so sharing the groups is safe).
+
+Every group comes from megatron-core's HyperCommGrid with a rank offset, and reaches the models through a
+ProcessGroupCollection, so no collective of one role ever spans another role's ranks. We never call
+`parallel_state.initialize_model_parallel`: it would build DP groups that mix students and teachers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.hyper_comm_grid import HyperCommGrid
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+# Megatron's default rank order, fastest-varying first: tp-cp-ep-dp-pp.
+_DIMS = ["tp", "cp", "ep", "dp", "pp"]
+_GRID_GROUPS = {
+    "tp": "tp",
+    "cp": "cp",
+    "ep": "ep",
+    "dp": "dp",
+    "pp": "pp",
+    "dp_cp": ["dp", "cp"],
+    "mp": ["tp", "pp"],
+    "tp_cp": ["tp", "cp"],
+    "tp_ep": ["tp", "ep"],
+    "tp_ep_pp": ["tp", "ep", "pp"],
+    "tp_dp_cp": ["tp", "dp", "cp"],
+}
+
+
+@dataclass(frozen=True)
+class ParallelShape:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass
+class RoleGroups:
+    """The process groups of one role. On ranks outside the role, `pgc` and `world` are None."""
+
+    name: str
+    shape: ParallelShape
+    first_rank: int
+    pgc: ProcessGroupCollection | None = None
+    world: dist.ProcessGroup | None = None  # all ranks of this role
+
+    @property
+    def ranks(self) -> range:
+        return range(self.first_rank, self.first_rank + self.shape.size)
+
+    @property
+    def is_member(self) -> bool:
+        return self.pgc is not None
+
+    def leader_of_dp_replica(self, dp_rank: int) -> int:
+        """Global rank of (tp=0, pp=0) of the given DP replica: it talks to the other roles."""
+        return self.first_rank + dp_rank * self.shape.tp
+
+
+@dataclass
+class RoleLayout:
+    student: RoleGroups
+    frozen: dict[str, RoleGroups] = field(default_factory=dict)  # teacher names and "reference"
+
+    def role_of(self, rank: int) -> str:
+        if rank in self.student.ranks:
+            return self.student.name
+        for name, groups in self.frozen.items():
+            if rank in groups.ranks and groups.first_rank >= self.student.shape.size:
+                return name
+        raise ValueError(f"rank {rank} belongs to no role")
+
+    @property
+    def world_size(self) -> int:
+        return max([self.student.shape.size] + [g.first_rank + g.shape.size for g in self.frozen.values()])
+
+
+def _build_role(name: str, shape: ParallelShape, first_rank: int, timeout: timedelta) -> RoleGroups:
+    # Must run on EVERY rank, for every role, in the same order: torch names groups by a global counter, so a
+    # group created by only some ranks silently aliases another one.
+    grid = HyperCommGrid([shape.tp, 1, 1, shape.dp, shape.pp], _DIMS, rank_offset=first_rank)
+    groups = {key: grid.create_pg(dims, timeout=timeout) for key, dims in _GRID_GROUPS.items()}
+    world = grid.create_pg(_DIMS, timeout=timeout)
+    # Tied embeddings are all-reduced between the first and last pipeline stages; rope needs no position group.
+    pp_enum = grid._gen_rank_enum(["pp"])
+    groups["embd"], _ = dist.new_subgroups_by_enumeration(
+        [sorted({r[0], r[-1]}) for r in pp_enum], timeout=timeout
+    )
+    groups["pos_embd"], _ = dist.new_subgroups_by_enumeration([[r[0]] for r in pp_enum], timeout=timeout)
+    if dist.get_rank() not in range(first_rank, first_rank + shape.size):
+        return RoleGroups(name, shape, first_rank)
+    pgc = ProcessGroupCollection(
+        **groups,
+        expt_tp=groups["tp"],
+        expt_dp=groups["dp"],  # left empty, DDP would call new_group() on this rank alone and desync the counter
+        intra_dp_cp=groups["dp_cp"],
+        intra_expt_dp=groups["dp"],
+        intra_dist_opt=world,  # one optimizer instance per role: grad-norm statistics span the whole role
+    )
+    return RoleGroups(name, shape, first_rank, pgc=pgc, world=world)
+
+
+def build_layout(
+    student: ParallelShape,
+    frozen: dict[str, tuple[ParallelShape, bool]] | None = None,
+    timeout_s: float = 600.0,
+) -> RoleLayout:
+    """Builds the groups of every role. `frozen` maps a model name to (shape, dedicated).
+
+    Dedicated models are placed one after another, after the student's ranks, in the order given. A colocated
+    model must have the student's shape and shares its groups.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    layout = RoleLayout(student=_build_role("student", student, 0, timeout))
+    next_rank = student.size
+    for name, (shape, dedicated) in (frozen or {}).items():
+        if dedicated:
+            layout.frozen[name] = _build_role(name, shape, next_rank, timeout)
+            next_rank += shape.size
+        else:
+            if shape != student:
+                raise ValueError(
+                    f"colocated model {name!r} has parallel shape {shape}, but colocated models share the "
+                    f"student's groups and need its shape {student}"
+                )
+            layout.frozen[name] = RoleGroups(name, shape, 0, layout.student.pgc, layout.student.world)
+    if next_rank != dist.get_world_size():
+        raise ValueError(
+            f"the role layout needs {next_rank} ranks (student {student.size} + dedicated frozen models), "
+            f"but the world size is {dist.get_world_size()}"
+        )
+    # The local attention reads megatron's global memory buffer; it is normally made by initialize_model_parallel.
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    return layout

@@ -1,0 +1,41 @@
+"""Shared test helpers. Multi-process tests launch real `torchrun` jobs over gloo; each job script lives in
+tests/dist/ and writes its measurements as JSON, which the test then asserts on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DIST_SCRIPTS = Path(__file__).resolve().parent / "dist"
+
+
+def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: float = 300) -> dict:
+    """Runs tests/dist/<script> under torchrun with `nproc` processes and returns the JSON it wrote.
+
+    The script receives `--out <file>` and must write its result there from rank 0."""
+    out = tmp_path / f"{Path(script).stem}-{nproc}-{abs(hash(args))}.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(DIST_SCRIPTS / script), "--out", str(out), *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return json.loads(out.read_text())
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (gpu marker)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

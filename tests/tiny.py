@@ -1,0 +1,31 @@
+"""Tiny random Hugging Face models for tests, built from a config with no download."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+_BASE = dict(vocab_size=250, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+TINY_CONFIGS = {
+    "llama": dict(_BASE, model_type="llama", rope_theta=10000.0),
+    "qwen2": dict(_BASE, model_type="qwen2", rope_theta=1000000.0),  # q/k/v biases
+    "qwen3": dict(_BASE, model_type="qwen3", head_dim=32, rope_theta=1000000.0),  # qk-norm, head_dim != h/heads
+    "qwen3_tied": dict(_BASE, model_type="qwen3", head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True),
+}
+
+
+def tiny_hf_config(name: str):
+    kwargs = dict(TINY_CONFIGS[name])
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def tiny_hf_model(name: str, seed: int = 0):
+    """A random fp32 model. Every parameter, norms and biases included, is perturbed away from its default
+    init, so that a wrong mapping of any tensor changes the logits."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(name), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
