@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
@@ -13,6 +10,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_gopd.models.architectures import ModelDims, padded_vocab_size, transformer_config
+from megatron_gopd.models.hf_io import HFWeights
 from megatron_gopd.models.weights import local_to_global_name, resolved_weights, to_megatron_shard
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,39 +72,6 @@ def build_model(
 
 def layer_offset(model: GPTModel) -> int:
     return get_transformer_layer_offset(model.config, vp_stage=None, pp_rank=model.pg_collection.pp.rank())
-
-
-class HFWeights:
-    """Lazy access to the tensors of a HF checkpoint directory (safetensors, sharded or not) or a state dict."""
-
-    def __init__(self, source: str | Path | dict[str, torch.Tensor]):
-        self._state = source if isinstance(source, dict) else None
-        self._files: dict[str, Path] = {}
-        if self._state is None:
-            root = Path(source)
-            index = root / "model.safetensors.index.json"
-            if index.is_file():
-                self._files = {k: root / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-            elif (root / "model.safetensors").is_file():
-                from safetensors import safe_open
-
-                with safe_open(root / "model.safetensors", "pt") as f:
-                    self._files = {k: root / "model.safetensors" for k in f.keys()}
-            else:
-                raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {root}")
-
-    def __contains__(self, name: str) -> bool:
-        return name in (self._state if self._state is not None else self._files)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if self._state is not None:
-            return self._state[name]
-        if name not in self._files:
-            raise KeyError(f"tensor {name!r} is missing from the HF checkpoint")
-        from safetensors import safe_open
-
-        with safe_open(self._files[name], "pt") as f:
-            return f.get_tensor(name)
 
 
 @torch.no_grad()

@@ -1,0 +1,88 @@
+"""The rollout-engine interface, shared by the transformers engine (CPU/GPU) and the SGLang engine (GPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Protocol
+
+import torch
+
+WeightStream = Iterable[tuple[str, torch.Tensor]]  # (HF name, full tensor), from models.export
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 switch those filters off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"sampling temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Sample:
+    """One generated response. `logprobs[i]` is the engine's log-prob of `response_ids[i]` under the
+    distribution it actually sampled from (after temperature, top-k and top-p; for greedy, temperature 1)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Literal["stop", "length"]
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]: ...
+
+    def sync_weights(self, weights: WeightStream) -> None: ...
+
+    def sleep(self) -> None:
+        """Release accelerator memory for training."""
+
+    def wake(self) -> None:
+        """Regain it for generation."""
+
+    def shutdown(self) -> None: ...
+
+
+def mismatch_metrics(rollout_lp: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rollout/trainer mismatch on the response tokens, as sums and maxima that reduce across DP:
+    |log pi_rollout - log pi_old| (mean via sum/count, and max) and the sampled KL(rollout || trainer)."""
+    mask = mask.bool()
+    diff = (rollout_lp - old_lp)[mask]
+    return {
+        "mismatch/abs_sum": diff.abs().sum(),
+        "mismatch/abs_max": diff.abs().max() if diff.numel() else diff.new_zeros(()),
+        "mismatch/kl_sum": diff.sum(),
+        "mismatch/tokens": diff.new_tensor(float(diff.numel())),
+    }
+
+
+def samples_to_batch(samples: list[Sample], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded [prompt | response | pad] rows, with per-token tensors aligned to the tokens:
+    `response_mask` marks response tokens and `rollout_lp` holds the engine's log-probs there."""
+    batch = len(samples)
+    tokens = torch.full((batch, seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros(batch, seq_len)
+    rollout_lp = torch.zeros(batch, seq_len)
+    for i, s in enumerate(samples):
+        start, end = len(s.prompt_ids), len(s.prompt_ids) + len(s.response_ids)
+        if end > seq_len:
+            raise ValueError(f"sample {i} has {end} tokens, more than the batch length {seq_len}")
+        tokens[i, :end] = torch.tensor(s.prompt_ids + s.response_ids)
+        mask[i, start:end] = 1.0
+        rollout_lp[i, start:end] = torch.tensor(s.logprobs)
+    return {"tokens": tokens, "response_mask": mask, "rollout_lp": rollout_lp}
