@@ -32,6 +32,18 @@ def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: f
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """Tiny qwen3 models as HF dirs (<root>/hf/<name>) and megatron-gopd checkpoints (<root>/<name>):
+    a student, a math and a code teacher, and a teacher base model, sharing one tokenizer."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(DIST_SCRIPTS / "make_checkpoints.py"), "--out", str(root)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -29,3 +29,28 @@ def tiny_hf_model(name: str, seed: int = 0):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 250):
+    """A word-level tokenizer over tokens "t0".."t{n-1}" (ids 0..n-1), with a chat template; no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="t1", eos_token="t2", pad_token="t0",
+                                        unk_token="t0")
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}t3 {% endif %}"
+    )
+    return tokenizer
+
+
+def save_tiny_hf(name: str, directory, seed: int = 0, tokenizer_vocab: int = 250):
+    """Writes a tiny HF checkpoint (safetensors, config, tokenizer) and returns the model."""
+    model = tiny_hf_model(name, seed)
+    model.save_pretrained(directory)
+    tiny_tokenizer(tokenizer_vocab).save_pretrained(directory)
+    return model

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-# Default fp32 working set per chunk. Small chunks stay cache-resident on CPU; on GPU 32 MiB is still millions of
-# elements per kernel, so launch overhead stays negligible.
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+# Default fp32 bytes of one chunk's [tokens, V/tp] slab, by device. On CPU small chunks stay cache-resident; on GPU
+# large chunks keep each kernel big enough that launch overhead and the per-chunk all-reduces stay negligible.
+DEFAULT_CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
 
 
 class _Shard:
@@ -40,9 +40,10 @@ class _Shard:
             )
         self.start = tp_rank * local_vocab
         # Columns [0, n_valid) of the shard are real tokens; the rest is padding (possibly the whole shard).
-        self.n_valid = local_vocab
+        self.n_valid = max(0, min(local_vocab, vocab_size - self.start))
         if chunk_tokens is None:
-            chunk_tokens = max(1, DEFAULT_CHUNK_BYTES // (4 * local_vocab))
+            budget = DEFAULT_CHUNK_BYTES["cuda" if logits.is_cuda else "cpu"]
+            chunk_tokens = max(1, budget // (4 * local_vocab))
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
@@ -51,21 +52,18 @@ class _Shard:
         for lo in range(0, n_tokens, self.chunk_tokens):
             yield slice(lo, min(lo + self.chunk_tokens, n_tokens))
 
-    def scaled(self, flat_logits: torch.Tensor, rows: slice, temperature: float, *, writable: bool) -> torch.Tensor:
-        """fp32 (logits / temperature) of the chunk's real-vocab columns; a fresh tensor when `writable`."""
-        x = flat_logits[rows, : self.n_valid]
-        if x.dtype == torch.float32 and temperature == 1.0:
-            return x.clone() if writable else x
-        x = x.float() if x.dtype != torch.float32 else x.clone()
-        return x.div_(temperature) if temperature != 1.0 else x
+    def real(self, flat_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The chunk's real-vocabulary columns, a view in the logits' dtype."""
+        return flat_logits[rows, : self.n_valid]
 
-    def global_max(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Row maxima over the whole vocabulary, one all-reduce for all `xs` ([tokens, V] each -> [tokens] each).
-        A shard of pure padding contributes -inf."""
-        if self.n_valid:
-            m = torch.stack([x.amax(dim=-1) for x in xs], dim=-1)
-        else:
-            m = xs[0].new_full((xs[0].shape[0], len(xs)), -math.inf)
+    @staticmethod
+    def row_max(x: torch.Tensor) -> torch.Tensor:
+        """fp32 max over the last dim; -inf for a shard of pure padding (no columns)."""
+        return x.amax(dim=-1).float() if x.shape[-1] else x.new_full(x.shape[:1], -math.inf, dtype=torch.float32)
+
+    def global_max(self, *local_maxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Row maxima over the whole vocabulary, one all-reduce for all of them."""
+        m = torch.stack(local_maxes, dim=-1)
         if self.group is not None:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
         return m.unbind(-1)
@@ -80,6 +78,16 @@ class _Shard:
         local = targets - self.start
         on_shard = (local >= 0) & (local < self.n_valid)
         return local.clamp(0, max(self.n_valid - 1, 0)), on_shard
+
+
+def _scaled_minus(raw: torch.Tensor, scale: float, row_offset: torch.Tensor) -> torch.Tensor:
+    """A fresh fp32 `raw * scale - row_offset[:, None]` in one pass (mixed dtypes promote to fp32)."""
+    return torch.add(-row_offset.unsqueeze(-1), raw, alpha=scale)
+
+
+def _scaled(raw: torch.Tensor, scale: float) -> torch.Tensor:
+    """A fresh fp32 `raw * scale`; bf16 is upcast first, as bf16 * float would compute in bf16."""
+    return raw * scale if raw.dtype == torch.float32 else raw.float().mul_(scale)
 
 
 def _check_inputs(logits: torch.Tensor, name: str, temperature: float) -> None:
@@ -98,18 +106,18 @@ class _TokenLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, shard: _Shard, temperature: float, with_entropy: bool):
         flat, flat_targets = _flatten(logits), targets.reshape(-1)
-        n = flat.shape[0]
+        n, inv_t = flat.shape[0], 1.0 / temperature
         logprobs = flat.new_empty(n, dtype=torch.float32)
-        entropy = flat.new_empty(n, dtype=torch.float32) if with_entropy else None
-        lse = flat.new_empty(n, dtype=torch.float32)
+        entropy = torch.empty_like(logprobs) if with_entropy else None
+        lse = torch.empty_like(logprobs)
         for rows in shard.chunks(n):
-            x = shard.scaled(flat, rows, temperature, writable=True)
-            (m,) = shard.global_max(x)
-            shifted = x.sub_(m.unsqueeze(-1))
+            raw = shard.real(flat, rows)
+            (m,) = shard.global_max(shard.row_max(raw) * inv_t)  # max commutes with the positive scaling
+            shifted = _scaled_minus(raw, inv_t, m)
             exp = shifted.exp()
             idx, on_shard = shard.local_target_index(flat_targets[rows])
-            target_shifted = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) if shard.n_valid else m.new_zeros(m.shape)
-            stats = [exp.sum(-1), target_shifted.masked_fill(~on_shard, 0.0)]
+            target = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) if shard.n_valid else torch.zeros_like(m)
+            stats = [exp.sum(-1), target.masked_fill(~on_shard, 0.0)]
             if with_entropy:
                 # sum_j e_j * s_j as a batched dot product: no [tokens, V] temporary.
                 stats.append(torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(-1)).view(-1))
@@ -129,29 +137,29 @@ class _TokenLogprobEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
         flat, flat_targets, lse, entropy = ctx.saved_tensors
-        shard, temperature = ctx.shard, ctx.temperature
+        shard, inv_t = ctx.shard, 1.0 / ctx.temperature
         grad = torch.empty_like(flat)
         grad[:, shard.n_valid :].zero_()
-        if grad_logprobs is None and grad_entropy is None:
+        if grad_logprobs is None and grad_entropy is None or not shard.n_valid:
             return grad.zero_().view(ctx.logits_shape), None, None, None, None
-        # d logp_t / dx_j = 1[j=t] - p_j ;  dH / dx_j = -p_j (log p_j + H) ; x = logits / T.
-        g_lp = grad_logprobs.reshape(-1).float() if grad_logprobs is not None else None
-        g_h = grad_entropy.reshape(-1).float() if grad_entropy is not None else None
+        # With x = logits / T:  d logp_t / dx_j = 1[j=t] - p_j  and  dH / dx_j = -p_j (log p_j + H), so
+        # d/dlogits_j = p_j (a + b log p_j) + 1[j=t] g_lp / T,  a = -(g_lp + g_H H) / T,  b = -g_H / T.
+        g_lp = grad_logprobs.reshape(-1).float() if grad_logprobs is not None else torch.zeros_like(lse)
+        a = g_lp * -inv_t
+        if grad_entropy is not None:
+            g_h = grad_entropy.reshape(-1).float()
+            a, b = a - g_h * entropy * inv_t, g_h * -inv_t
         for rows in shard.chunks(flat.shape[0]):
-            if not shard.n_valid:
-                break
-            log_p = shard.scaled(flat, rows, temperature, writable=True).sub_(lse[rows].unsqueeze(-1))
+            log_p = _scaled_minus(shard.real(flat, rows), inv_t, lse[rows])
             p = log_p.exp()
-            coef = torch.zeros_like(lse[rows]) if g_lp is None else g_lp[rows] / -temperature
-            if g_h is not None:
-                coef_h = (g_h[rows] / -temperature).unsqueeze(-1)
-                p.mul_(log_p.add_(entropy[rows].unsqueeze(-1)).mul_(coef_h).add_(coef.unsqueeze(-1)))
-            else:
-                p.mul_(coef.unsqueeze(-1))
-            if g_lp is not None:
+            coef = a[rows].unsqueeze(-1)
+            if grad_entropy is not None:
+                coef = log_p.mul_(b[rows].unsqueeze(-1)).add_(coef)
+            out = grad[rows, : shard.n_valid]
+            torch.mul(p, coef, out=out)
+            if grad_logprobs is not None:
                 idx, on_shard = shard.local_target_index(flat_targets[rows])
-                p.scatter_add_(-1, idx.unsqueeze(-1), (g_lp[rows] / temperature * on_shard).unsqueeze(-1))
-            grad[rows, : shard.n_valid] = p
+                out.scatter_add_(-1, idx.unsqueeze(-1), (g_lp[rows] * inv_t * on_shard).to(out.dtype).unsqueeze(-1))
         return grad.view(ctx.logits_shape), None, None, None, None
 
 
@@ -190,14 +198,16 @@ class _FullVocabGopdKL(torch.autograd.Function):
     def forward(ctx, student, teacher, ref, shard: _Shard, lam: float, temperature: float):
         flat_s, flat_t = _flatten(student), _flatten(teacher)
         flat_r = _flatten(ref) if ref is not None else None
-        n = flat_s.shape[0]
+        n, inv_t = flat_s.shape[0], 1.0 / temperature
         kl = flat_s.new_empty(n, dtype=torch.float32)
-        lse_s, lse_u = kl.new_empty(n), kl.new_empty(n)
+        lse_s, lse_u = torch.empty_like(kl), torch.empty_like(kl)
         for rows in shard.chunks(n):
-            x, u = _student_and_target(shard, flat_s, flat_t, flat_r, rows, lam, temperature)
-            m_s, m_u = shard.global_max(x, u)
-            # Work with max-shifted x and u: smaller magnitudes, less cancellation in the KL sum.
-            x, u = x.sub_(m_s.unsqueeze(-1)), u.sub_(m_u.unsqueeze(-1))
+            raw = shard.real(flat_s, rows)
+            u = _target_logits(shard, flat_t, flat_r, rows, lam, inv_t)
+            m_s, m_u = shard.global_max(shard.row_max(raw) * inv_t, shard.row_max(u))
+            # Max-shifted x and u: smaller magnitudes, less cancellation in the KL sum.
+            x = _scaled_minus(raw, inv_t, m_s)
+            u = u.sub_(m_u.unsqueeze(-1))
             exp_s = x.exp()
             sum_u = u.exp().sum(-1)
             diff = x.sub_(u)
@@ -215,30 +225,27 @@ class _FullVocabGopdKL(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl):
         flat_s, flat_t, flat_r, lse_s, lse_u, kl = ctx.saved_tensors
-        shard, lam, temperature = ctx.shard, ctx.lam, ctx.temperature
+        shard, inv_t = ctx.shard, 1.0 / ctx.temperature
         flat_r = flat_r if ctx.has_ref else None
         grad = torch.empty_like(flat_s)
         grad[:, shard.n_valid :].zero_()
-        g = grad_kl.reshape(-1).float() / temperature
-        # dKL/dx_j = p_j (log p_j - log q_j - KL).
-        for rows in shard.chunks(flat_s.shape[0]):
-            if not shard.n_valid:
-                break
-            x, u = _student_and_target(shard, flat_s, flat_t, flat_r, rows, lam, temperature)
-            p = (x - lse_s[rows].unsqueeze(-1)).exp_()
-            log_ratio = x.sub_(u).add_((lse_u[rows] - lse_s[rows] - kl[rows]).unsqueeze(-1))
-            grad[rows, : shard.n_valid] = p.mul_(log_ratio).mul_(g[rows].unsqueeze(-1))
+        g = grad_kl.reshape(-1).float() * inv_t
+        # dKL/dx_j = p_j (log p_j - log q_j - KL) = p_j (x_j - u_j + lse(u) - lse(x) - KL).
+        offset = lse_s - lse_u + kl
+        for rows in shard.chunks(flat_s.shape[0]) if shard.n_valid else ():
+            raw = shard.real(flat_s, rows)
+            p = _scaled_minus(raw, inv_t, lse_s[rows]).exp_()
+            log_ratio = _scaled_minus(raw, inv_t, offset[rows])
+            log_ratio.sub_(_target_logits(shard, flat_t, flat_r, rows, ctx.lam, inv_t)).mul_(g[rows].unsqueeze(-1))
+            torch.mul(p, log_ratio, out=grad[rows, : shard.n_valid])
         return grad.view(ctx.shape), None, None, None, None, None
 
 
-def _student_and_target(shard, flat_s, flat_t, flat_r, rows, lam, temperature) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 chunk of x = student/T and u = lam * teacher/T + (1 - lam) * ref/T (q = softmax(u); the per-model
-    log-normalisers are constant along the vocabulary, so they drop out of softmax(lam z_T + (1 - lam) z_ref))."""
-    x = shard.scaled(flat_s, rows, temperature, writable=True)
-    u = shard.scaled(flat_t, rows, temperature, writable=True)
-    if flat_r is not None:
-        u.mul_(lam).add_(shard.scaled(flat_r, rows, temperature, writable=False), alpha=1.0 - lam)
-    return x, u
+def _target_logits(shard, flat_t, flat_r, rows, lam, inv_t) -> torch.Tensor:
+    """Fresh fp32 u = lam * teacher/T + (1 - lam) * ref/T, so that the target is q = softmax(u): the per-model
+    log-normalisers are constant along the vocabulary and drop out of softmax(lam z_T + (1 - lam) z_ref)."""
+    u = _scaled(shard.real(flat_t, rows), lam * inv_t)
+    return u if flat_r is None else u.add_(shard.real(flat_r, rows), alpha=(1.0 - lam) * inv_t)
 
 
 def full_vocab_gopd_kl(

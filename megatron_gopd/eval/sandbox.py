@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -44,20 +45,28 @@ PROBE_TIMEOUT_S = 30.0
 # How long a namespace wrapper gets to reap its killed init before its group is killed outright.
 REAP_GRACE_S = 5.0
 
-# Runs first inside the child: limits apply before any untrusted byte executes. Soft CPU limit < hard, so CPU
-# exhaustion shows up as SIGXCPU rather than an anonymous SIGKILL.
+# Runs first inside the child, so the limits hold before any untrusted byte executes. The program runs in a forked
+# child: with a pid namespace this boot process is the namespace's init, and the kernel ignores default-action signals
+# (SIGXCPU, ...) sent to an init. A signal death is reported shell-style as exit code 128 + signal number.
+# Soft CPU limit < hard, so CPU exhaustion shows up as SIGXCPU rather than an anonymous SIGKILL.
 _BOOT = """
-import resource, runpy, sys
+import os, resource, runpy, sys
 memory, cpu, nproc, fsize = map(int, sys.argv[1:5])
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-sys.argv = ["main.py"]
-runpy.run_path("main.py", run_name="__main__")
+child = os.fork()
+if child == 0:
+    sys.argv = ["main.py"]
+    runpy.run_path("main.py", run_name="__main__")
+else:
+    status = os.waitpid(child, 0)[1]
+    os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
 """
 
+_SIGNAL_NUMBERS = {int(sig) for sig in signal.Signals}
 # Namespaced backends must see only the loopback interface; the probe fails (and the next backend is tried) otherwise.
 _NETWORK_PROBE = "import socket, sys; sys.exit(0 if [n for _, n in socket.if_nameindex()] == ['lo'] else 3)"
 
@@ -65,20 +74,21 @@ _NETWORK_PROBE = "import socket, sys; sys.exit(0 if [n for _, n in socket.if_nam
 @dataclass(frozen=True)
 class SandboxLimits:
     timeout_s: float = 10.0  # wall clock, whole run
+    cpu_time_s: int | None = None  # RLIMIT_CPU of each process; None: the wall timeout + 1s
     memory_mb: int = 1024  # RLIMIT_AS (address space) of each process
     max_processes: int = 64  # RLIMIT_NPROC (threads count too)
-    max_file_mb: int = 16  # RLIMIT_FSIZE: largest file, stdout/stderr included
+    max_file_mb: int = 16  # RLIMIT_FSIZE: largest file, stdout/stderr included (Python then gets EFBIG errors)
     output_tail_bytes: int = 4096  # how much of the end of stdout/stderr comes back
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "memory_mb", "max_processes", "max_file_mb", "output_tail_bytes"):
-            if getattr(self, name) <= 0:
+        for name in ("timeout_s", "cpu_time_s", "memory_mb", "max_processes", "max_file_mb", "output_tail_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
 class RunResult:
-    returncode: int  # negative: killed by that signal
+    returncode: int  # 128 + n: the program was killed by signal n; negative: the sandbox itself was killed (timeout)
     timed_out: bool
     stdout: str  # the last `output_tail_bytes`
     stderr: str
@@ -92,11 +102,10 @@ class RunResult:
         """One line saying why the run did not pass ("" when it did)."""
         if self.timed_out:
             return f"timed out after {self.duration_s:.1f}s"
-        if self.returncode < 0:
-            name = signal.Signals(-self.returncode).name
-            return {"SIGXCPU": "CPU time limit exceeded", "SIGXFSZ": "file size limit exceeded"}.get(
-                name, f"killed by {name}")
-        if self.returncode > 0:
+        if self.returncode > 128 and self.returncode - 128 in _SIGNAL_NUMBERS:
+            name = signal.Signals(self.returncode - 128).name
+            return "CPU time limit exceeded" if name == "SIGXCPU" else f"killed by {name}"
+        if self.returncode != 0:
             lines = self.stderr.strip().splitlines()
             return f"exit code {self.returncode}: {lines[-1] if lines else 'no stderr'}"
         return ""
@@ -114,10 +123,13 @@ class Isolation:
 
     def describe(self) -> str:
         runs_as = self.user or pwd.getpwuid(os.geteuid()).pw_name
-        if self.backend == "none":
-            scope = "network NOT isolated; tree killed by process group (a setsid() child can escape)"
-        else:
-            scope = "network, pid, ipc, uts isolated by namespaces; tree killed with the pid namespace"
+        scope = {
+            "bwrap": "own network, pid, ipc, uts namespaces, read-only filesystem but the workdir; "
+                     "tree killed with the pid namespace",
+            "unshare": "own network, pid, ipc, uts namespaces, filesystem as the user may write it; "
+                       "tree killed with the pid namespace",
+            "none": "network NOT isolated; tree killed by process group (a child that calls setsid() can escape)",
+        }[self.backend]
         if runs_as == "root":
             nproc = "process limit NOT enforced (root is exempt from RLIMIT_NPROC)"
         elif self.backend == "none":
@@ -138,9 +150,9 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), isolation: 
         if user is not None:
             os.chown(workdir, user.pw_uid, user.pw_gid)
         mb = 1 << 20
-        argv = [*_wrapper_argv(isolation.backend, workdir), isolation.python, "-I", "-c", _BOOT,
-                str(limits.memory_mb * mb), str(int(limits.timeout_s) + 1), str(limits.max_processes),
-                str(limits.max_file_mb * mb)]
+        cpu_time_s = limits.cpu_time_s or int(limits.timeout_s) + 1
+        boot_args = [limits.memory_mb * mb, cpu_time_s, limits.max_processes, limits.max_file_mb * mb]
+        argv = [*_wrapper_argv(isolation.backend, workdir), isolation.python, "-I", "-c", _BOOT, *map(str, boot_args)]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
         user_kwargs = {} if user is None else {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -159,11 +171,19 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), isolation: 
         _remove_workdir(workdir)
 
 
-@functools.lru_cache(maxsize=None)
 def detect_isolation(backend: Backend | None = None, python: str | None = None) -> Isolation:
     """The strongest isolation that actually runs here, found by running a probe through each candidate.
 
     `backend` / `python` pin a choice (an error if it does not work). Cached: probing costs a few process starts."""
+    with _DETECT_LOCK:  # concurrent first calls (verify_batch's threads) would otherwise all probe
+        return _detect_isolation(backend, python)
+
+
+_DETECT_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _detect_isolation(backend: Backend | None, python: str | None) -> Isolation:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown sandbox backend {backend!r}; known: {', '.join(BACKENDS)}")
     backends = [backend] if backend else [b for b in BACKENDS if b == "none" or shutil.which(b)]
@@ -192,6 +212,8 @@ def _system_python() -> str | None:
 
 def _wrapper_argv(backend: Backend, workdir: str) -> list[str]:
     if backend == "bwrap":
+        # --as-pid-1: bwrap's own init would be left unreaped by the outer bwrap, a zombie forever where the machine's
+        # PID 1 does not reap orphans (many containers). The boot process is a fine init (see _BOOT).
         return [shutil.which("bwrap") or "bwrap", "--unshare-all", "--as-pid-1", "--die-with-parent",
                 "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
                 "--bind", workdir, workdir, "--chdir", workdir]
@@ -218,7 +240,7 @@ def _wait_unreaped(pid: int, timeout_s: float) -> bool:
 
 def _kill_tree(proc: subprocess.Popen, backend: Backend) -> None:
     """SIGKILLs everything the run started, then reaps the direct child."""
-    if backend != "none":
+    if backend != "none" and not _wait_unreaped(proc.pid, 0):
         # Kill the namespace's init first: the kernel then kills everything in the namespace, and the wrapper reaps
         # the init and exits. Killing the wrapper first would orphan the init as a zombie nobody may reap.
         try:
@@ -241,8 +263,11 @@ def _kill_tree(proc: subprocess.Popen, backend: Backend) -> None:
 
 
 def _remove_workdir(path: str) -> None:
-    # The code may have left directories without write or search permission, which would stop rmtree for a
-    # non-root caller. Links are skipped: chmod would follow them out of the directory.
+    if os.geteuid() == 0:  # root removes anything; no chmod as root on paths the sandbox user could swap for links
+        shutil.rmtree(path)
+        return
+    # The code (running as this very user) may have left directories without write or search permission, which
+    # would stop rmtree. Links are skipped: chmod would follow them out of the directory.
     os.chmod(path, 0o700)
     for root, dirs, _ in os.walk(path):
         for name in dirs:

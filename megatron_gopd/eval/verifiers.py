@@ -4,7 +4,8 @@
 - "code":  the last ```python block run against unit tests in the sandbox (see sandbox.py).
 - "exact": the final answer equal to the reference after whitespace normalisation (toy domains).
 
-A bad response is never an exception: it is `VerifyResult(False, reason)`. A bad reference (the data's fault) raises.
+A bad response is never an exception: it is `VerifyResult(False, reason)`. A missing or ill-typed reference (the
+data's fault) raises; a reference math-verify cannot parse gives False with that reason.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.pool
+import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -119,7 +121,8 @@ def _as_boxed(answer: str) -> str:
 class _WorkerPool:
     """A lazily started pool of spawned processes for work that must run in a main thread. A task outliving its
     hard limit (e.g. stuck in C code, where SIGALRM cannot interrupt it) gets the pool terminated and restarted;
-    tasks of other threads still in flight on that pool then time out too."""
+    tasks of other threads still in flight on that pool then time out too. Spawned workers import the caller's
+    main module, so a script that verifies math from threads needs an `if __name__ == "__main__":` guard."""
 
     def __init__(self, processes: int):
         self._processes = processes
@@ -266,23 +269,21 @@ def verify_batch(
 ) -> list[VerifyResult]:
     """Verifies responses[i] against references[i] with verifier kinds[i] (or one kind for all).
 
-    Code checks run concurrently on `max_workers` threads (default: the CPU count), each waiting on its sandboxed
-    process; math and exact checks run meanwhile in the calling thread."""
+    Code checks run concurrently on `max_workers` threads (default: the CPUs this process may use), each waiting on
+    its sandboxed process; the other kinds run meanwhile in the calling thread."""
     n = len(responses)
     kinds = [kinds] * n if isinstance(kinds, str) else list(kinds)
     if len(kinds) != n or len(references) != n:
         raise ValueError(f"kinds ({len(kinds)}), responses ({n}) and references ({len(references)}) differ in length")
-    for kind in set(kinds):
-        get_verifier(kind)  # fail on an unknown kind before any work starts
+    verifiers = {kind: get_verifier(kind) for kind in kinds}  # fails on an unknown kind before any work starts
+    options = {"code": {"limits": code_limits}, "math": {"timeout_s": math_timeout_s}}
     results: list[VerifyResult | None] = [None] * n
-    with ThreadPoolExecutor(max_workers=max_workers or multiprocessing.cpu_count()) as pool:
-        futures = {i: pool.submit(verify_code, responses[i], references[i], limits=code_limits)
+    with ThreadPoolExecutor(max_workers=max_workers or len(os.sched_getaffinity(0))) as pool:
+        futures = {i: pool.submit(verifiers["code"], responses[i], references[i], **options["code"])
                    for i in range(n) if kinds[i] == "code"}
         for i in range(n):
-            if kinds[i] == "math":
-                results[i] = verify_math(responses[i], references[i], timeout_s=math_timeout_s)
-            elif kinds[i] == "exact":
-                results[i] = exact_match(responses[i], references[i])
+            if kinds[i] != "code":
+                results[i] = verifiers[kinds[i]](responses[i], references[i], **options.get(kinds[i], {}))
         for i, future in futures.items():
             results[i] = future.result()
     return results

