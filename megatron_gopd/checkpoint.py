@@ -43,6 +43,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint import CheckpointException
 
 FORMAT_VERSION = 1
 META_FILE = "megatron_gopd.json"
@@ -288,6 +289,14 @@ def _check_compatible(meta: dict, gpt: GPTModel, directory: Path) -> None:
         )
 
 
+def _dist_save(sharded_state_dict: dict, directory: Path, group: dist.ProcessGroup) -> None:
+    try:
+        with collectives_scoped_to(group):
+            dist_checkpointing.save(sharded_state_dict, str(directory))
+    except CheckpointException as e:  # a BaseException, which a trainer's `except Exception` would miss
+        raise OSError(f"writing the dist checkpoint {directory} failed: {e}") from e
+
+
 # ---- model checkpoints ------------------------------------------------------------------------------------
 
 
@@ -307,8 +316,7 @@ def save_model(directory: PathLike, gpt: GPTModel, *, hf_dir: PathLike | None = 
         except OSError as e:
             error = e
     _raise_if_any_failed(error, group, "save_model")
-    with collectives_scoped_to(group):
-        dist_checkpointing.save({"model": _model_sharded_state_dict(gpt)}, str(directory / DIST_DIR))
+    _dist_save({"model": _model_sharded_state_dict(gpt)}, directory / DIST_DIR, group)
     if group.rank() == 0:
         if hf_dir is not None:
             _copy_hf_files(hf_dir, directory / HF_DIR)
@@ -389,11 +397,13 @@ def _remove_dir(path: Path) -> None:
 def _commit(tmp: Path, final: Path, keep_last: int) -> None:
     """Rank 0: move a fully written checkpoint into place, point `latest` at it, drop the old ones."""
     root = final.parent
-    if final.exists():  # a re-save of a step (e.g. one written after the last `latest` update before a crash)
-        _remove_dir(final)
+    replaced = final.with_name(f"{TMP_PREFIX}replaced-{final.name}")
+    if final.exists():  # a re-save of a step (e.g. one renamed into place just before a crash, never committed)
+        os.rename(final, replaced)
     os.rename(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / LATEST_FILE, final.name + "\n")
+    shutil.rmtree(replaced, ignore_errors=True)
     step = int(_STEP_DIR.match(final.name).group(1))
     kept = sorted(s for s in _step_dirs(root) if s <= step)[-keep_last:]
     for s, path in _step_dirs(root).items():
@@ -435,8 +445,7 @@ def save_training_checkpoint(
             error = e
     _raise_if_any_failed(error, group, f"preparing {tmp}")
     try:
-        with collectives_scoped_to(group):
-            dist_checkpointing.save(_training_sharded_state_dict(trainable, is_loading=False), str(tmp / DIST_DIR))
+        _dist_save(_training_sharded_state_dict(trainable, is_loading=False), tmp / DIST_DIR, group)
         error = None
         try:
             _write_rank_files(tmp, trainable, step, trainer_state, rank_state, group, hf_dir)
@@ -504,7 +513,7 @@ def _verify_share(directory: Path, group: dist.ProcessGroup) -> list[str]:
     try:
         files = _read_json(manifest_path)["files"]
     except FileNotFoundError:
-        return [f"missing {MANIFEST_FILE} (an incomplete save)"]
+        return [f"missing {MANIFEST_FILE} (an incomplete save, or not a training checkpoint)"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"unreadable {MANIFEST_FILE}: {e}"]
     problems = []
@@ -586,6 +595,7 @@ def load_training_checkpoint(
         trainable.optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(trainable.optimizer)
     training = _read_json(directory / TRAINER_FILE)
+    trainable.scheduler.num_steps = 0  # its load_state_dict ADDS the saved step count to the current one
     trainable.scheduler.load_state_dict(training["scheduler"])
     rank_file = directory / RANK_DIR / f"rank_{group.rank():05d}.pt"
     if meta["world"] != group.size():

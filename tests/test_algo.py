@@ -262,7 +262,8 @@ def test_policy_loss_ignores_garbage_at_masked_positions():
     old = torch.tensor([[-50.0, -1.0], [-1.0, -1.0]])
     adv = torch.tensor([[math.inf, 1.0], [2.0, math.nan]])
     mask = torch.tensor([[0, 1], [1, 0]])
-    loss, _ = policy_loss(logprobs, old, adv, mask, PolicyLossConfig(tis_cap=5.0), rollout_lp=old - 100 * mask.logical_not())
+    rollout_lp = old - 100 * mask.logical_not()  # an absurd IS weight, but only at the masked positions
+    loss, _ = policy_loss(logprobs, old, adv, mask, PolicyLossConfig(tis_cap=5.0), rollout_lp=rollout_lp)
     loss.backward()
     assert loss.item() == pytest.approx(-(1.0 + 2.0) / 2)
     assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 0] == 0 and logprobs.grad[1, 1] == 0

@@ -173,8 +173,8 @@ def test_math_step_by_hand(op, a, b, detailed, line):
 # ---------------------------------------------------------------- code
 
 @pytest.mark.parametrize("program, answer, trace", [
-    ('"dbca" | sort | rev', "dcba", ["abcd", "dcba"]),
-    ("[1,5,2] | map(+3) | filter(odd) | sum", 5, [[4, 8, 5], [5], 5]),
+    ('"dbca"|sort|rev', "dcba", ["abcd", "dcba"]),
+    ("[1,5,2]|map(+3)|filter(odd)|sum", 5, [[4, 8, 5], [5], 5]),
     ("[3,8,1,6] | map(*2) | filter(>5) | sum", 34, [[6, 16, 2, 12], [6, 16, 12], 34]),
     ('"abcz" | shift(2)', "cdeb", ["cdeb"]),
     ('"hello" | uniq | rot(2) | len', 4, ["helo", "lohe", 4]),
@@ -210,12 +210,12 @@ def test_code_solutions_trace_the_program(config):
         _, ops = parse_program(problem.prompt)
         *lines, last = problem.solution.split("\n")
         assert last == f"Answer: {problem.answer}"
-        assert [line.split(" -> ")[0] for line in lines] == ops
+        assert [line.split(": ")[0] for line in lines] == ops
         assert len(ops) == problem.num_ops and config.min_ops <= len(ops) <= config.max_ops
-        if lines[-1].startswith("sum -> "):  # the running total must add up
-            assert len({eval(side) for side in lines[-1][len("sum -> "):].split("=")}) == 1
+        if lines[-1].startswith("sum: "):  # the running total must add up
+            assert len({eval(side) for side in lines[-1][len("sum: "):].split("=")}) == 1
         else:
-            assert lines[-1].endswith(f" -> {problem.answer}")
+            assert lines[-1].endswith(f": {problem.answer}")
         assert grade("code", problem.solution, problem.answer)
 
 
@@ -226,7 +226,7 @@ def test_grade_compares_the_last_answer_line_exactly():
     assert grade("math", "Answer: 41\nno, wait\nAnswer:   42  ", "42")
     assert not grade("math", "17+25=42\nAnswer: 43", "42")
     assert not grade("math", "Answer: 420", "42")
-    assert grade("code", 'rev -> "cba"\nAnswer: "cba"', '"cba"')
+    assert grade("code", 'rev: "cba"\nAnswer: "cba"', '"cba"')
     assert not grade("code", "Answer: cba", '"cba"')
     assert grade("code", "Answer:  [1,  2]", "[1, 2]")  # whitespace runs collapse, but are not removed
     assert not grade("code", "Answer: [1,2]", "[1, 2]")

@@ -5,8 +5,7 @@
   `detail_prob`, decomposed by place value (`17+25=17+20+5=37+5=42`). The detailed lines are longer but each of
   their steps is easier, so a policy can trade length for accuracy: that is the lever that lets response length
   move with lambda.
-- "code": pipelines in a tiny DSL over int lists and lowercase strings, e.g. `[3,8,1,6] | map(*2) | filter(>5)
-  | sum`. The answer is found by parsing the prompt text and EXECUTING the reference implementation of each op
+- "code": pipelines in a tiny DSL over int lists and lowercase strings, e.g. `[3,8,1,6]|map(*2)|filter(>5)|sum`. The answer is found by parsing the prompt text and EXECUTING the reference implementation of each op
   (`run_program`), so the ground truth is by execution. The worked solution traces each op's value.
 
 Every response ends with a final line "Answer: <answer>"; `grade` compares that text with the reference exactly
@@ -281,7 +280,8 @@ def apply_op(value: Value, op: str) -> Value:
 
 
 def parse_program(text: str) -> tuple[Value, list[str]]:
-    """`<literal> | op | op ...` -> (input value, op texts). The literal is a list of ints or a quoted string."""
+    """`<literal>|op|op...` -> (input value, op texts); spaces around "|" are allowed. The literal is a list of
+    ints or a quoted string."""
     head, *ops = [part.strip() for part in text.split("|")]
     try:
         value = ast.literal_eval(head)
@@ -310,8 +310,8 @@ class CodeConfig:
 
     min_ops: int = 2  # ops per program, drawn uniformly in [min_ops, max_ops]
     max_ops: int = 4
-    min_len: int = 4  # input list / string length, drawn uniformly
-    max_len: int = 7
+    min_len: int = 3  # input list / string length, drawn uniformly
+    max_len: int = 6
     max_item: int = 30  # list items are drawn in [0, max_item]
     max_value: int = 999  # every number along the way (items, sums) must be <= max_value
     max_arg: int = 5  # the k of map(+k), map(*k), take(k), drop(k), rot(k), shift(k) is drawn in [1, max_arg]
@@ -374,7 +374,7 @@ def sample_code(rng: random.Random, config: CodeConfig | None = None) -> Problem
                 value = new
         except (_Rejected, DSLError):
             continue
-        program = " | ".join([text, *ops])
+        program = "|".join([text, *ops])
         answer, trace = run_program(program)  # ground truth by executing the prompt text itself
         inputs = [parse_program(program)[0], *trace[:-1]]
         lines = [_trace_line(op, before, after) for op, before, after in zip(ops, inputs, trace)]
@@ -388,11 +388,11 @@ def _largest(value: Value) -> int:
 
 
 def _trace_line(op: str, before: Value, after: Value) -> str:
-    """`op -> value`; a sum shows its running total (6+16+12=22+12=34) since adding many numbers at once is the
+    """`op: value`; a sum shows its running total (6+16+12=22+12=34) since adding many numbers at once is the
     one step a small model cannot do in its head."""
     if op == "sum" and isinstance(before, list) and len(before) > 1:
-        return f"{op} -> " + "=".join(["+".join(map(str, before)), *_fold(before[0], before[1:], "+")])
-    return f"{op} -> {show(after)}"
+        return f"{op}: " + "=".join(["+".join(map(str, before)), *_fold(before[0], before[1:], "+")])
+    return f"{op}: {show(after)}"
 
 
 # ---------------------------------------------------------------- shared

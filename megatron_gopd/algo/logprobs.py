@@ -7,9 +7,9 @@ and are treated as -inf logits (they get zero probability and zero gradient).
 Why hand-written: megatron-core's `vocab_parallel_cross_entropy` keeps the whole fp32 softmax alive for backward and
 gives no entropy or KL. Here each function is an autograd.Function that walks the flattened tokens in chunks,
 computes in fp32 per chunk only, saves the logits reference plus a few fp32 numbers per token, and recomputes the
-chunk's softmax in backward. Extra memory is therefore one chunk of fp32 temporaries (plus the logits gradient
-itself, which autograd needs anyway). Each chunk costs two small all-reduces over the TP group (max, then sums);
-backward needs none, because the global normalisers are saved.
+chunk's softmax in backward. Extra memory is therefore a few chunk-sized fp32 temporaries (plus the logits
+gradient itself, which autograd needs anyway). Each chunk costs two small all-reduces over the TP group (max, then
+sums); backward needs none, because the global normalisers are saved.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-# Default fp32 bytes of one chunk's [tokens, V/tp] slab, by device. On CPU small chunks stay cache-resident; on GPU
-# large chunks keep each kernel big enough that launch overhead and the per-chunk all-reduces stay negligible.
-DEFAULT_CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 128 * 2**20}
+# Default fp32 bytes of one chunk's [tokens, V/tp] slab (1024 tokens of a 32k vocabulary). Measured on 2 CPU cores:
+# beats naive at every chunk size, and under load larger chunks win (fewer thread-pool barriers), with no gain past
+# this; on GPU it keeps every kernel large. Peak extra memory is a few such slabs.
+DEFAULT_CHUNK_BYTES = 128 * 2**20
 
 
 class _Shard:
@@ -42,8 +43,7 @@ class _Shard:
         # Columns [0, n_valid) of the shard are real tokens; the rest is padding (possibly the whole shard).
         self.n_valid = max(0, min(local_vocab, vocab_size - self.start))
         if chunk_tokens is None:
-            budget = DEFAULT_CHUNK_BYTES["cuda" if logits.is_cuda else "cpu"]
-            chunk_tokens = max(1, budget // (4 * local_vocab))
+            chunk_tokens = max(1, DEFAULT_CHUNK_BYTES // (4 * local_vocab))
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.chunk_tokens = chunk_tokens
@@ -92,14 +92,47 @@ def _scaled(raw: torch.Tensor, scale: float) -> torch.Tensor:
 
 def _check_inputs(logits: torch.Tensor, name: str, temperature: float) -> None:
     if logits.dim() < 2 or not logits.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor [..., vocab_shard], got {tuple(logits.shape)} {logits.dtype}")
+        raise ValueError(
+            f"{name} must be a floating tensor [..., vocab_shard], got {tuple(logits.shape)} {logits.dtype}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
 
 
 def _flatten(logits: torch.Tensor) -> torch.Tensor:
     # A view for contiguous logits (Megatron's GPTModel returns them contiguous); otherwise one copy in their dtype.
     return logits.reshape(-1, logits.shape[-1])
+
+
+def _logprob_entropy_chunk(shard: _Shard, raw, targets, inv_t: float, with_entropy: bool):
+    """(log-prob, log-normaliser, entropy or None) of one chunk's tokens, [tokens] fp32 each."""
+    (m,) = shard.global_max(shard.row_max(raw) * inv_t)  # max commutes with the positive scaling
+    shifted = _scaled_minus(raw, inv_t, m)
+    exp = shifted.exp()
+    idx, on_shard = shard.local_target_index(targets)
+    target = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) if shard.n_valid else torch.zeros_like(m)
+    stats = [exp.sum(-1), target.masked_fill(~on_shard, 0.0)]
+    if with_entropy:
+        # sum_j e_j * s_j as a batched dot product: no [tokens, V] temporary.
+        stats.append(torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(-1)).view(-1))
+    sum_exp, target, *dot = shard.global_sum(torch.stack(stats, dim=-1)).unbind(-1)
+    log_z = sum_exp.log()
+    return target - log_z, m + log_z, log_z - dot[0] / sum_exp if with_entropy else None
+
+
+def _logprob_entropy_grad_chunk(shard: _Shard, raw, targets, inv_t: float, lse, a, b, target_grad, out) -> None:
+    """Writes p_j (a + b log p_j) + 1[j=t] target_grad into the chunk's gradient `out`; b None: no entropy term."""
+    log_p = _scaled_minus(raw, inv_t, lse)
+    p = log_p.exp()
+    coef = a.unsqueeze(-1) if b is None else log_p.mul_(b.unsqueeze(-1)).add_(a.unsqueeze(-1))
+    torch.mul(p, coef, out=out)
+    if target_grad is not None:
+        idx, on_shard = shard.local_target_index(targets)
+        out.scatter_add_(-1, idx.unsqueeze(-1), (target_grad * on_shard).to(out.dtype).unsqueeze(-1))
 
 
 class _TokenLogprobEntropy(torch.autograd.Function):
@@ -111,22 +144,12 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         entropy = torch.empty_like(logprobs) if with_entropy else None
         lse = torch.empty_like(logprobs)
         for rows in shard.chunks(n):
-            raw = shard.real(flat, rows)
-            (m,) = shard.global_max(shard.row_max(raw) * inv_t)  # max commutes with the positive scaling
-            shifted = _scaled_minus(raw, inv_t, m)
-            exp = shifted.exp()
-            idx, on_shard = shard.local_target_index(flat_targets[rows])
-            target = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) if shard.n_valid else torch.zeros_like(m)
-            stats = [exp.sum(-1), target.masked_fill(~on_shard, 0.0)]
+            # One function call per chunk, so that its [tokens, V] temporaries are freed before the next chunk.
+            logprobs[rows], lse[rows], chunk_entropy = _logprob_entropy_chunk(
+                shard, shard.real(flat, rows), flat_targets[rows], inv_t, with_entropy
+            )
             if with_entropy:
-                # sum_j e_j * s_j as a batched dot product: no [tokens, V] temporary.
-                stats.append(torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(-1)).view(-1))
-            sum_exp, target, *rest = shard.global_sum(torch.stack(stats, dim=-1)).unbind(-1)
-            log_z = sum_exp.log()
-            logprobs[rows] = target - log_z
-            lse[rows] = m + log_z
-            if with_entropy:
-                entropy[rows] = log_z - rest[0] / sum_exp
+                entropy[rows] = chunk_entropy
         ctx.shard, ctx.temperature, ctx.logits_shape = shard, temperature, logits.shape
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(flat, flat_targets, lse, entropy if with_entropy else lse.new_empty(0))
@@ -138,28 +161,23 @@ class _TokenLogprobEntropy(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropy):
         flat, flat_targets, lse, entropy = ctx.saved_tensors
         shard, inv_t = ctx.shard, 1.0 / ctx.temperature
-        grad = torch.empty_like(flat)
+        grad = flat.new_empty(flat.shape)  # contiguous, whatever the logits' strides
         grad[:, shard.n_valid :].zero_()
         if grad_logprobs is None and grad_entropy is None or not shard.n_valid:
             return grad.zero_().view(ctx.logits_shape), None, None, None, None
         # With x = logits / T:  d logp_t / dx_j = 1[j=t] - p_j  and  dH / dx_j = -p_j (log p_j + H), so
         # d/dlogits_j = p_j (a + b log p_j) + 1[j=t] g_lp / T,  a = -(g_lp + g_H H) / T,  b = -g_H / T.
         g_lp = grad_logprobs.reshape(-1).float() if grad_logprobs is not None else torch.zeros_like(lse)
-        a = g_lp * -inv_t
+        a, b = g_lp * -inv_t, None
         if grad_entropy is not None:
             g_h = grad_entropy.reshape(-1).float()
             a, b = a - g_h * entropy * inv_t, g_h * -inv_t
+        target_grad = g_lp * inv_t if grad_logprobs is not None else None
         for rows in shard.chunks(flat.shape[0]):
-            log_p = _scaled_minus(shard.real(flat, rows), inv_t, lse[rows])
-            p = log_p.exp()
-            coef = a[rows].unsqueeze(-1)
-            if grad_entropy is not None:
-                coef = log_p.mul_(b[rows].unsqueeze(-1)).add_(coef)
-            out = grad[rows, : shard.n_valid]
-            torch.mul(p, coef, out=out)
-            if grad_logprobs is not None:
-                idx, on_shard = shard.local_target_index(flat_targets[rows])
-                out.scatter_add_(-1, idx.unsqueeze(-1), (g_lp[rows] * inv_t * on_shard).to(out.dtype).unsqueeze(-1))
+            _logprob_entropy_grad_chunk(
+                shard, shard.real(flat, rows), flat_targets[rows], inv_t, lse[rows], a[rows],
+                _rows(b, rows), _rows(target_grad, rows), grad[rows, : shard.n_valid],
+            )
         return grad.view(ctx.logits_shape), None, None, None, None
 
 
@@ -178,12 +196,14 @@ def token_logprobs_and_entropy(
     logits: this rank's vocab shard [batch, seq, Vp/tp] (the full [.., V] when `tp_group` is None or of size 1).
     targets: [batch, seq] int64 token ids in [0, vocab_size) (global ids, identical on every TP rank).
     vocab_size: the true vocabulary size; padded columns are excluded. chunk_tokens: tokens per chunk (default:
-    a ~32 MiB fp32 working set). Returns fp32 [batch, seq] log-probs and entropy (None unless `with_entropy`);
-    both are differentiable w.r.t. `logits`, whose gradient arrives in the logits' dtype.
+    DEFAULT_CHUNK_BYTES of fp32 per chunk). Returns fp32 [batch, seq] log-probs and entropy (None unless
+    `with_entropy`); both are differentiable w.r.t. `logits`, whose gradient arrives in the logits' dtype.
     """
     _check_inputs(logits, "logits", temperature)
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits shape without vocab {tuple(logits.shape[:-1])}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal the logits shape without vocab {tuple(logits.shape[:-1])}"
+        )
     if targets.numel() and (targets.min() < 0 or targets.max() >= vocab_size):
         raise ValueError(
             f"targets must be token ids in [0, vocab_size={vocab_size}), got range "
@@ -191,6 +211,41 @@ def token_logprobs_and_entropy(
         )
     shard = _Shard(logits, tp_group, vocab_size, chunk_tokens)
     return _TokenLogprobEntropy.apply(logits, targets, shard, float(temperature), with_entropy)
+
+
+def _target_logits(shard, flat_t, flat_r, rows, lam, inv_t) -> torch.Tensor:
+    """Fresh fp32 u = lam * teacher/T + (1 - lam) * ref/T, so that the target is q = softmax(u): the per-model
+    log-normalisers are constant along the vocabulary and drop out of softmax(lam z_T + (1 - lam) z_ref)."""
+    u = _scaled(shard.real(flat_t, rows), lam * inv_t)
+    return u if flat_r is None else u.add_(shard.real(flat_r, rows), alpha=(1.0 - lam) * inv_t)
+
+
+def _kl_chunk(shard: _Shard, flat_s, flat_t, flat_r, rows: slice, lam: float, inv_t: float):
+    """(KL, lse of x, lse of u) of one chunk's tokens; x = student / T, q = softmax(u) is the target."""
+    raw, u = shard.real(flat_s, rows), _target_logits(shard, flat_t, flat_r, rows, lam, inv_t)
+    m_s, m_u = shard.global_max(shard.row_max(raw) * inv_t, shard.row_max(u))
+    # Max-shifted x and u: smaller magnitudes, less cancellation in the KL sum.
+    x = _scaled_minus(raw, inv_t, m_s)
+    u = u.sub_(m_u.unsqueeze(-1))
+    exp_s = x.exp()
+    sum_u = u.exp().sum(-1)
+    diff = x.sub_(u)
+    dot = torch.bmm(exp_s.unsqueeze(1), diff.unsqueeze(-1)).view(-1)  # sum_j e_j (x_j - u_j), no temporary
+    sum_s, sum_u, dot = shard.global_sum(torch.stack([exp_s.sum(-1), sum_u, dot], -1)).unbind(-1)
+    log_z_s, log_z_u = sum_s.log(), sum_u.log()
+    # KL(p || q) = sum_j p_j (x_j - u_j) - log Z_x + log Z_u, where log q = u - lse(u).
+    return dot / sum_s - log_z_s + log_z_u, m_s + log_z_s, m_u + log_z_u
+
+
+def _kl_grad_chunk(
+    shard: _Shard, flat_s, flat_t, flat_r, rows: slice, lam: float, inv_t: float, lse_s, offset, g, out
+) -> None:
+    """Writes g p_j (x_j - u_j - offset) into `out`, with offset = lse(x) - lse(u) + KL."""
+    raw = shard.real(flat_s, rows)
+    p = _scaled_minus(raw, inv_t, lse_s).exp_()
+    log_ratio = _scaled_minus(raw, inv_t, offset).sub_(_target_logits(shard, flat_t, flat_r, rows, lam, inv_t))
+    log_ratio.mul_(g.unsqueeze(-1))
+    torch.mul(p, log_ratio, out=out)
 
 
 class _FullVocabGopdKL(torch.autograd.Function):
@@ -202,22 +257,10 @@ class _FullVocabGopdKL(torch.autograd.Function):
         kl = flat_s.new_empty(n, dtype=torch.float32)
         lse_s, lse_u = torch.empty_like(kl), torch.empty_like(kl)
         for rows in shard.chunks(n):
-            raw = shard.real(flat_s, rows)
-            u = _target_logits(shard, flat_t, flat_r, rows, lam, inv_t)
-            m_s, m_u = shard.global_max(shard.row_max(raw) * inv_t, shard.row_max(u))
-            # Max-shifted x and u: smaller magnitudes, less cancellation in the KL sum.
-            x = _scaled_minus(raw, inv_t, m_s)
-            u = u.sub_(m_u.unsqueeze(-1))
-            exp_s = x.exp()
-            sum_u = u.exp().sum(-1)
-            diff = x.sub_(u)
-            dot = torch.bmm(exp_s.unsqueeze(1), diff.unsqueeze(-1)).view(-1)  # sum_j e_j (x_j - u_j), no temporary
-            sum_s, sum_u, dot = shard.global_sum(torch.stack([exp_s.sum(-1), sum_u, dot], -1)).unbind(-1)
-            log_z_s, log_z_u = sum_s.log(), sum_u.log()
-            lse_s[rows], lse_u[rows] = m_s + log_z_s, m_u + log_z_u
-            # KL(p || q) = sum_j p_j (x_j - u_j) - log Z_x + log Z_u, where log q = u - lse(u).
-            kl[rows] = dot / sum_s - log_z_s + log_z_u
-        ctx.shard, ctx.lam, ctx.temperature, ctx.has_ref, ctx.shape = shard, lam, temperature, ref is not None, student.shape
+            # One function call per chunk, so that its [tokens, V] temporaries are freed before the next chunk.
+            kl[rows], lse_s[rows], lse_u[rows] = _kl_chunk(shard, flat_s, flat_t, flat_r, rows, lam, inv_t)
+        ctx.shard, ctx.lam, ctx.temperature, ctx.shape = shard, lam, temperature, student.shape
+        ctx.has_ref = ref is not None
         ctx.save_for_backward(flat_s, flat_t, flat_r if ref is not None else kl.new_empty(0), lse_s, lse_u, kl)
         return kl.view(student.shape[:-1])
 
@@ -227,25 +270,17 @@ class _FullVocabGopdKL(torch.autograd.Function):
         flat_s, flat_t, flat_r, lse_s, lse_u, kl = ctx.saved_tensors
         shard, inv_t = ctx.shard, 1.0 / ctx.temperature
         flat_r = flat_r if ctx.has_ref else None
-        grad = torch.empty_like(flat_s)
+        grad = flat_s.new_empty(flat_s.shape)
         grad[:, shard.n_valid :].zero_()
         g = grad_kl.reshape(-1).float() * inv_t
         # dKL/dx_j = p_j (log p_j - log q_j - KL) = p_j (x_j - u_j + lse(u) - lse(x) - KL).
         offset = lse_s - lse_u + kl
         for rows in shard.chunks(flat_s.shape[0]) if shard.n_valid else ():
-            raw = shard.real(flat_s, rows)
-            p = _scaled_minus(raw, inv_t, lse_s[rows]).exp_()
-            log_ratio = _scaled_minus(raw, inv_t, offset[rows])
-            log_ratio.sub_(_target_logits(shard, flat_t, flat_r, rows, ctx.lam, inv_t)).mul_(g[rows].unsqueeze(-1))
-            torch.mul(p, log_ratio, out=grad[rows, : shard.n_valid])
+            _kl_grad_chunk(
+                shard, flat_s, flat_t, flat_r, rows, ctx.lam, inv_t, lse_s[rows], offset[rows], g[rows],
+                grad[rows, : shard.n_valid],
+            )
         return grad.view(ctx.shape), None, None, None, None, None
-
-
-def _target_logits(shard, flat_t, flat_r, rows, lam, inv_t) -> torch.Tensor:
-    """Fresh fp32 u = lam * teacher/T + (1 - lam) * ref/T, so that the target is q = softmax(u): the per-model
-    log-normalisers are constant along the vocabulary and drop out of softmax(lam z_T + (1 - lam) z_ref)."""
-    u = _scaled(shard.real(flat_t, rows), lam * inv_t)
-    return u if flat_r is None else u.add_(shard.real(flat_r, rows), alpha=(1.0 - lam) * inv_t)
 
 
 def full_vocab_gopd_kl(
@@ -259,7 +294,7 @@ def full_vocab_gopd_kl(
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Exact per-token KL(pi_theta || pi_lam), pi_lam = softmax(lam * z_T + (1 - lam) * z_ref), z = log_softmax(logits / T).
+    """Exact per-token KL(pi_theta || pi_lam): pi_lam = softmax(lam * z_T + (1 - lam) * z_ref), z = log_softmax(logits/T).
 
     All three logits are shards on the same vocabulary partition ([batch, seq, Vp/tp], same shape). pi_lam is the
     G-OPD optimum, so minimising this per token reaches the same fixed point as the sampled-token estimator, with

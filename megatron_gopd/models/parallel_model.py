@@ -10,6 +10,7 @@ tokens before it (entry 0, which has no context, is 0).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -151,6 +152,7 @@ class TrainableModel(ParallelModel):
             pg_collection=pgc,
         )
         super().__init__(ddp, dims)
+        self.role_world = role_world
         optimizer_config = OptimizerConfig(
             optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
@@ -190,8 +192,18 @@ class TrainableModel(ParallelModel):
         self.optimizer.zero_grad()
         outputs = self.run(micro_batches, scaled_loss, temperature=temperature, forward_only=False,
                            with_entropy=with_entropy)
+        if not self._grads_finite():  # megatron's fp32/bf16 optimizers would apply NaN/inf grads
+            return outputs, {"grad_norm": math.nan, "update_ok": False, "lr": self.optimizer.param_groups[0]["lr"]}
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
         return outputs, {"grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
                          "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _grads_finite(self) -> bool:
+        """Checks the reduced gradients in DDP's buffers on every rank of the role, before any update."""
+        bad = torch.zeros(1)
+        for buffer in self.module.buffers + self.module.expert_parallel_buffers:
+            bad += (~torch.isfinite(buffer.grad_data)).any().float()
+        dist.all_reduce(bad, group=self.role_world)
+        return bad.item() == 0

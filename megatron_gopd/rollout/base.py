@@ -58,16 +58,16 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None: ...
 
 
-def mismatch_metrics(rollout_lp: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rollout/trainer mismatch on the response tokens, as sums and maxima that reduce across DP:
-    |log pi_rollout - log pi_old| (mean via sum/count, and max) and the sampled KL(rollout || trainer)."""
-    mask = mask.bool()
-    diff = (rollout_lp - old_lp)[mask]
+def mismatch_metrics(rollout_lp: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The rollout/trainer mismatch on response tokens: mean and max of |log pi_rollout - log pi_old|, and the
+    sampled KL(rollout || trainer), as partials that reduce exactly across micro-batches and DP ranks."""
+    from megatron_gopd.algo.gopd import Stat
+
+    diff = rollout_lp.float() - old_lp.float()
     return {
-        "mismatch/abs_sum": diff.abs().sum(),
-        "mismatch/abs_max": diff.abs().max() if diff.numel() else diff.new_zeros(()),
-        "mismatch/kl_sum": diff.sum(),
-        "mismatch/tokens": diff.new_tensor(float(diff.numel())),
+        "mismatch/abs_mean": Stat.masked_mean(diff.abs(), mask),
+        "mismatch/abs_max": Stat.masked_max(diff.abs(), mask),
+        "mismatch/kl": Stat.masked_mean(diff, mask),
     }
 
 

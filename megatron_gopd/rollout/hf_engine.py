@@ -8,6 +8,8 @@ generator for reproducible sampling, and none of generate()'s per-step overhead.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
@@ -51,6 +53,8 @@ class HFRolloutEngine:
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
         self._params = dict(self.model.state_dict(keep_vars=True))
+        # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.x
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def sync_weights(self, weights: WeightStream) -> None:
@@ -96,8 +100,8 @@ class HFRolloutEngine:
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         step_ids, step_pos = input_ids, positions
         for _ in range(params.max_new_tokens):
-            logits = self.model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
-                                past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = self.model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
+                                logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
             token, token_lp = sample_next(logits, params, generator)
             tokens.append(token)
             logprobs.append(token_lp)

@@ -14,6 +14,7 @@ import argparse
 import errno
 import functools
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -142,6 +143,10 @@ def main():
 
             def killed_at_commit(src, dst, *a, **kw):
                 if Path(src).name.startswith(".tmp-step_"):
+                    # as in a node crash, the helpers die too: dist_checkpointing's Manager would otherwise
+                    # outlive us holding the job's stdout open
+                    for child in multiprocessing.active_children():
+                        os.kill(child.pid, signal.SIGKILL)
                     os.kill(os.getpid(), signal.SIGKILL)
                 return rename(src, dst, *a, **kw)
 

@@ -1,0 +1,63 @@
+"""avg@n / pass@k evaluation of a rollout engine on held-out prompts, per domain (trainer and tools/evaluate.py)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+from megatron_gopd.data.prompts import PromptItem
+from megatron_gopd.eval.metrics import domain_metrics
+from megatron_gopd.eval.verifiers import CodeTests, verify_batch
+from megatron_gopd.rollout.base import Sample, SamplingParams
+
+
+def verifier_kind(item: PromptItem) -> str:
+    """A row's `verifier` column if it has one; else unit tests -> code, the math domain -> math, else exact."""
+    if item.extra.get("verifier"):
+        return item.extra["verifier"]
+    if item.tests is not None:
+        return "code"
+    return "math" if item.domain == "math" else "exact"
+
+
+def reference_of(item: PromptItem):
+    if verifier_kind(item) != "code":
+        return item.answer
+    tests = item.tests
+    if isinstance(tests, dict) and "test" in tests:
+        return CodeTests(tests["test"], tests.get("entry_point"))
+    return tests
+
+
+def generate_and_verify(
+    generate: Callable[[list[list[int]], SamplingParams], list[Sample]],
+    items: list[PromptItem],
+    decode: Callable[[list[int]], str],
+    *,
+    n: int,
+    params: SamplingParams,
+) -> list[dict]:
+    """n samples per item; one record per sample: uid, domain, correct, response length and text."""
+    prompts = [item.prompt_ids for item in items for _ in range(n)]
+    samples = generate(prompts, params)
+    expanded = [item for item in items for _ in range(n)]
+    texts = [decode(s.response_ids) for s in samples]
+    results = verify_batch([verifier_kind(i) for i in expanded], texts, [reference_of(i) for i in expanded])
+    return [
+        {"uid": item.uid, "domain": item.domain, "correct": r.correct, "length": len(s.response_ids),
+         "finish": s.finish_reason, "response": text}
+        for item, s, text, r in zip(expanded, samples, texts, results)
+    ]
+
+
+def summarize(records: list[dict], ks=(1,)) -> dict[str, float]:
+    """avg@n and pass@k per domain and their mean, plus mean response length and truncation rate per domain."""
+    metrics = domain_metrics(((r["domain"], r["uid"], r["correct"]) for r in records), ks=ks)
+    lengths, truncated = defaultdict(list), defaultdict(list)
+    for r in records:
+        lengths[r["domain"]].append(r["length"])
+        truncated[r["domain"]].append(r["finish"] == "length")
+    for domain in lengths:
+        metrics[f"{domain}/response_length"] = sum(lengths[domain]) / len(lengths[domain])
+        metrics[f"{domain}/truncated_frac"] = sum(truncated[domain]) / len(truncated[domain])
+    return metrics
