@@ -10,8 +10,8 @@ A checkpoint directory (both kinds) holds:
                              never need the hub
   training checkpoints only:
     trainer_state.json       the caller's JSON-able trainer state and the LR scheduler's state
-    rank_state/rank_NNNNN.pt per role rank: RNG states (torch, CUDA, megatron's model-parallel tracker, python, numpy)
-                             and the caller's per-rank state
+    rank_state/rank_NNNNN.pt per role rank: the RNG states (torch, CUDA, megatron's model-parallel tracker,
+                             python, numpy) and the caller's per-rank state
     MANIFEST.json            relative path -> size and sha256 of every other file; written last
 
 A run's training checkpoints live in `<run>/checkpoints/step_00000010/`, next to a `latest` file naming the newest
@@ -124,14 +124,22 @@ def _all_gather(obj: Any, group: dist.ProcessGroup) -> list:
     return out
 
 
-def _raise_if_any_failed(error: BaseException | None, group: dist.ProcessGroup, doing: str) -> None:
-    """Raises on every rank when any rank failed, so that no rank walks on into a collective the others left.
-    A rank that failed raises its own error; the others name it."""
-    failures = [f"rank {r}: {e}" for r, e in enumerate(_all_gather(None if error is None else repr(error), group)) if e]
+def _on_ranks(group: dist.ProcessGroup, doing: str, fn, *, first_only: bool = False) -> Any:
+    """Runs `fn` on every rank (or on the first only), then raises on EVERY rank if it failed on any, so that no
+    rank walks on into a collective the others have left. A rank that failed raises its own error."""
+    result, error = None, None
+    if not first_only or group.rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    reports = _all_gather(None if error is None else repr(error), group)
+    failures = [f"rank {r}: {report}" for r, report in enumerate(reports) if report]
     if error is not None:
         raise error
     if failures:
         raise OSError(f"{doing} failed on another rank: " + "; ".join(failures))
+    return result
 
 
 # ---- megatron sharded state dicts without global parallel state -------------------------------------------
@@ -149,28 +157,30 @@ def _model_sharded_state_dict(gpt: GPTModel) -> dict:
         parallel_state.set_data_parallel_rank(saved)
 
 
-def _inner_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+def _torch_adams(optimizer) -> list:
+    """The megatron optimizers (of a chain) that step a torch Adam, which keeps a `step` per parameter. (TE's
+    and apex's fused Adam keep it in the param group, which megatron's checkpointing handles on its own.)"""
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(opt.optimizer, (torch.optim.Adam, torch.optim.AdamW))]
 
 
 def _ensure_optimizer_state(optimizer) -> None:
-    """A fresh torch Adam has no state until its first step, but megatron's DistributedOptimizer (without TE or
-    apex) reads the per-parameter `step` to build its state dict, loading included. Allocate the state as the
-    first step would; the checkpoint then overwrites all of it."""
-    for opt in _inner_optimizers(optimizer):
+    """A fresh torch Adam has no state until its first step, but megatron's DistributedOptimizer reads the
+    per-parameter `step` to build its state dict, for loading too. Allocate the state as the first step would;
+    a load then overwrites all of it."""
+    for opt in _torch_adams(optimizer):
         opt.init_state_fn(opt.optimizer, opt.config)
         for state in opt.optimizer.state.values():
             state.setdefault("step", torch.tensor(0.0))
 
 
 def _restore_adam_steps(optimizer) -> None:
-    """megatron-core 0.16's DistributedOptimizer (torch Adam, no TE or apex) checkpoints the Adam step in its
-    param groups, but on load it (1) gives every parameter's state the SAME `step` tensor, which torch's Adam
-    would then advance once per parameter, and (2) overwrites it with the fresh optimizer's step carried by the
-    dp_reshardable parameter state. Give each parameter its own step, from its group. (TE's and apex's fused
-    Adam keep the step in the param group itself, and are left alone.)"""
-    for opt in _inner_optimizers(optimizer):
-        if not (isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Adam | torch.optim.AdamW)):
+    """megatron-core 0.16's DistributedOptimizer over a torch Adam checkpoints the Adam step in its param
+    groups, but on load it (1) gives every parameter's state the SAME `step` tensor, which torch's Adam would
+    then advance once per parameter, and (2) overwrites it with the fresh optimizer's step carried by the
+    dp_reshardable parameter state. Give each parameter its own step, from its group."""
+    for opt in _torch_adams(optimizer):
+        if not isinstance(opt, DistributedOptimizer):
             continue
         for group in opt.optimizer.param_groups:
             if "step" not in group:
@@ -210,11 +220,18 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _sha256_and_fsync(path: Path) -> dict:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_and_describe(path: Path) -> dict:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": digest}
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _copy_hf_files(hf_dir: PathLike, dst: Path) -> None:
@@ -277,8 +294,8 @@ def _check_compatible(meta: dict, gpt: GPTModel, directory: Path) -> None:
     dtype = _DTYPE_NAMES[gpt.config.params_dtype]
     if meta["dtype"] != dtype:
         raise ValueError(
-            f"dtype mismatch: the checkpoint at {directory} holds {meta['dtype']} weights, but the model was built "
-            f"with {dtype}; build the model with dtype {meta['dtype']} or convert the checkpoint to {dtype}"
+            f"dtype mismatch: the checkpoint at {directory} holds {meta['dtype']} weights, but the model was "
+            f"built with {dtype}; build the model with dtype {meta['dtype']} or convert the checkpoint to {dtype}"
         )
     arch = _architecture(gpt)
     diff = {k: (meta["architecture"].get(k), v) for k, v in arch.items() if meta["architecture"].get(k) != v}
@@ -307,21 +324,20 @@ def save_model(directory: PathLike, gpt: GPTModel, *, hf_dir: PathLike | None = 
     Collective over `group` (every rank of the model's role). The directory must not hold files yet.
     """
     directory = Path(directory)
-    error = None
-    if group.rank() == 0:
-        try:
-            if directory.exists() and any(directory.iterdir()):
-                raise FileExistsError(f"{directory} already holds files; save a model checkpoint into a new directory")
-            (directory / DIST_DIR).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            error = e
-    _raise_if_any_failed(error, group, "save_model")
-    _dist_save({"model": _model_sharded_state_dict(gpt)}, directory / DIST_DIR, group)
-    if group.rank() == 0:
+
+    def prepare():
+        if directory.exists() and any(directory.iterdir()):
+            raise FileExistsError(f"{directory} already holds files; save a model checkpoint into a new directory")
+        (directory / DIST_DIR).mkdir(parents=True, exist_ok=True)
+
+    def finish():
         if hf_dir is not None:
             _copy_hf_files(hf_dir, directory / HF_DIR)
         _write_json(directory / META_FILE, _metadata(gpt, "model", hf_dir))
-    dist.barrier(group=group)
+
+    _on_ranks(group, f"preparing {directory}", prepare, first_only=True)
+    _dist_save({"model": _model_sharded_state_dict(gpt)}, directory / DIST_DIR, group)
+    _on_ranks(group, f"writing the metadata of {directory}", finish, first_only=True)
 
 
 @torch.no_grad()
@@ -373,8 +389,10 @@ def restore_rng_state(state: dict) -> None:
 
 
 def _training_sharded_state_dict(trainable, *, is_loading: bool) -> dict:
+    _ensure_optimizer_state(trainable.optimizer)  # also lets a step-0 checkpoint be saved
     model = _model_sharded_state_dict(trainable.gpt)
-    optimizer = trainable.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=dict(_OPTIMIZER_FORMAT))
+    optimizer = trainable.optimizer.sharded_state_dict(model, is_loading=is_loading,
+                                                       metadata=dict(_OPTIMIZER_FORMAT))
     return {"model": model, "optimizer": optimizer}
 
 
@@ -431,37 +449,25 @@ def save_training_checkpoint(
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     json.dumps(trainer_state)  # fail before writing anything when it is not JSON-able
-    root, rank = Path(root), group.rank()
+    root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / (TMP_PREFIX + final.name)
-    error = None
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(TMP_PREFIX + "*"):  # left by a crashed save or deletion
-                shutil.rmtree(stale)
-            (tmp / DIST_DIR).mkdir(parents=True)
-        except OSError as e:
-            error = e
-    _raise_if_any_failed(error, group, f"preparing {tmp}")
+
+    def prepare():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(TMP_PREFIX + "*"):  # left by a crashed save or deletion
+            shutil.rmtree(stale)
+        (tmp / DIST_DIR).mkdir(parents=True)
+
+    _on_ranks(group, f"preparing {tmp}", prepare, first_only=True)
     try:
         _dist_save(_training_sharded_state_dict(trainable, is_loading=False), tmp / DIST_DIR, group)
-        error = None
-        try:
-            _write_rank_files(tmp, trainable, step, trainer_state, rank_state, group, hf_dir)
-        except OSError as e:
-            error = e
-        _raise_if_any_failed(error, group, f"writing {tmp}")
+        _on_ranks(group, f"writing {tmp}",
+                  lambda: _write_rank_files(tmp, trainable, step, trainer_state, rank_state, group, hf_dir))
         _write_manifest(tmp, group)
-        error = None
-        if rank == 0:
-            try:
-                _commit(tmp, final, keep_last)
-            except OSError as e:
-                error = e
-        _raise_if_any_failed(error, group, f"committing {final}")
+        _on_ranks(group, f"committing {final}", lambda: _commit(tmp, final, keep_last), first_only=True)
     except BaseException:
-        if rank == 0:
+        if group.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space; the previous checkpoint is untouched
         raise
     return final
@@ -488,23 +494,16 @@ def _write_manifest(tmp: Path, group: dist.ProcessGroup) -> None:
     files = _broadcast_from_first(
         sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if rank == 0 else None, group
     )
-    entries, error = {}, None
-    try:
-        entries = {f: _sha256_and_fsync(tmp / f) for f in files[rank::group.size()]}
-    except OSError as e:
-        error = e
-    _raise_if_any_failed(error, group, f"checksumming {tmp}")
-    shares = _all_gather(entries, group)
-    error = None
-    if rank == 0:
-        try:
-            for directory in {(tmp / f).parent for f in files} | {tmp}:
-                _fsync_dir(directory)
-            _write_json(tmp / MANIFEST_FILE, {"format_version": FORMAT_VERSION,
-                                              "files": {k: v for share in shares for k, v in share.items()}})
-        except OSError as e:
-            error = e
-    _raise_if_any_failed(error, group, f"writing the manifest of {tmp}")
+    share = _on_ranks(group, f"checksumming {tmp}",
+                      lambda: {f: _fsync_and_describe(tmp / f) for f in files[rank::group.size()]})
+    entries = {name: entry for share in _all_gather(share, group) for name, entry in share.items()}
+
+    def write():
+        for directory in {(tmp / f).parent for f in files} | {tmp}:
+            _fsync_dir(directory)
+        _write_json(tmp / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "files": entries})
+
+    _on_ranks(group, f"writing the manifest of {tmp}", write, first_only=True)
 
 
 def _verify_share(directory: Path, group: dist.ProcessGroup) -> list[str]:
@@ -522,8 +521,10 @@ def _verify_share(directory: Path, group: dist.ProcessGroup) -> list[str]:
         if not path.is_file():
             problems.append(f"missing file {name}")
         elif path.stat().st_size != expected["size"]:
-            problems.append(f"size mismatch for {name}: {path.stat().st_size} bytes, manifest says {expected['size']}")
-        elif _sha256_and_fsync(path)["sha256"] != expected["sha256"]:
+            problems.append(
+                f"size mismatch for {name}: {path.stat().st_size} bytes, manifest says {expected['size']}"
+            )
+        elif _sha256(path) != expected["sha256"]:
             problems.append(f"checksum mismatch for {name}")
     if group.rank() == 0 and META_FILE not in files:
         problems.append(f"{META_FILE} is not in the manifest")
@@ -549,7 +550,9 @@ def _candidates(root: Path, resume: str) -> list[Path]:
 
 def _choose_checkpoint(root: Path, resume: str, group: dist.ProcessGroup) -> Path | None:
     """Rank 0 names the candidates; every rank verifies a share of each; all ranks take the same one."""
-    candidates = _broadcast_from_first([str(p) for p in _candidates(root, resume)] if group.rank() == 0 else None, group)
+    candidates = _broadcast_from_first(
+        [str(p) for p in _candidates(root, resume)] if group.rank() == 0 else None, group
+    )
     for candidate in map(Path, candidates):
         problems = sorted(p for share in _all_gather(_verify_share(candidate, group), group) for p in share)
         if not problems:
@@ -558,9 +561,12 @@ def _choose_checkpoint(root: Path, resume: str, group: dist.ProcessGroup) -> Pat
         if resume != "auto":
             raise ValueError(f"cannot resume from {candidate}: " + "; ".join(problems))
         if group.rank() == 0:
-            warnings.warn(message + (" - falling back to the previous one" if candidate != Path(candidates[-1]) else ""))
+            fallback = " - falling back to the previous one" if candidate != Path(candidates[-1]) else ""
+            warnings.warn(message + fallback)
     if candidates:
-        raise RuntimeError(f"no loadable checkpoint in {root}: all {len(candidates)} failed verification (see warnings)")
+        raise RuntimeError(
+            f"no loadable checkpoint in {root}: all {len(candidates)} failed verification (see warnings)"
+        )
     return None
 
 
@@ -582,13 +588,12 @@ def load_training_checkpoint(
     written, now = meta["parallel"], {"tp": pgc.tp.size(), "pp": pgc.pp.size(), "dp": pgc.dp.size()}
     if (written["tp"], written["pp"]) != (now["tp"], now["pp"]):
         raise ValueError(
-            f"{directory} was written at TP={written['tp']} PP={written['pp']} but the student runs at TP={now['tp']} "
-            f"PP={now['pp']}: the optimizer state (dp_reshardable) reshards over DP only. Start a new run from its "
-            f"weights with load_model instead"
+            f"{directory} was written at TP={written['tp']} PP={written['pp']} but the student runs at "
+            f"TP={now['tp']} PP={now['pp']}: the optimizer state (dp_reshardable) reshards over DP only. Start a "
+            f"new run from its weights with load_model instead"
         )
     _check_compatible(meta, trainable.gpt, directory)
     with torch.no_grad(), collectives_scoped_to(group):
-        _ensure_optimizer_state(trainable.optimizer)
         loaded = dist_checkpointing.load(_training_sharded_state_dict(trainable, is_loading=True),
                                          str(directory / DIST_DIR))
         trainable.gpt.load_state_dict(loaded["model"])

@@ -91,6 +91,7 @@ class DataConfig:
     prompts_per_step: int = 8
     on_bad_row: str = "skip"  # skip (counted) | error
     default_teacher: Optional[str] = None  # scores samples whose domain no teacher claims
+    response_key: str = "response"  # SFT: the column holding the target response
 
 
 @dataclass
@@ -298,8 +299,7 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
             for p in paths:
                 _require(Path(p).exists() or "/" not in p and not p.endswith((".jsonl", ".json", ".parquet")),
                          key, f"no such file or directory {p}")
-    if a.name != "sft":
-        _require(bool(d.train), "data.train", "no training data given")
+    _require(bool(d.train), "data.train", "no training data given")
 
     # Placement and world size.
     student = config.student.parallel
@@ -320,6 +320,9 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
         dp = student_ranks // per_replica
         _require(d.prompts_per_step % dp == 0, "data.prompts_per_step",
                  f"{d.prompts_per_step} prompts per step do not split over {dp} data-parallel student replicas")
+        rows = d.prompts_per_step // dp * r.samples_per_prompt
+        _require(rows % t.micro_batch_size == 0, "train.micro_batch_size",
+                 f"each replica's {rows} samples per step do not split into micro-batches of {t.micro_batch_size}")
 
 
 def save_resolved(config: RunConfig, path: str | Path) -> None:

@@ -20,7 +20,9 @@ from megatron_gopd.logger import RunLogger
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import DTYPES, build_model
 from megatron_gopd.models.parallel_model import TrainableModel
-from megatron_gopd.rollout.base import SamplingParams
+from megatron_gopd.eval.harness import reference_of, verifier_kind
+from megatron_gopd.eval.verifiers import verify_batch
+from megatron_gopd.rollout.base import Sample, SamplingParams
 from megatron_gopd.rollout.colocated import ColocatedRollout
 from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout
 from megatron_gopd.teachers.frozen import FrozenModel, check_same_tokenizer
@@ -95,6 +97,26 @@ class Run:
         r = self.config.rollout
         stops = tuple(sorted({self.tokenizer.eos_token_id} - {None}))
         return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, stops)
+
+    def dataset_sample(self, item: PromptItem) -> Sample:
+        """An SFT example: the row's response column, tokenised and ended with EOS."""
+        text = item.extra.get(self.config.data.response_key)
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{item.uid}: SFT needs a non-empty {self.config.data.response_key!r} column")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return Sample(item.prompt_ids, ids, [0.0] * len(ids), "stop")
+
+    def verify(self, items: list[PromptItem], responses: list[list[int]]) -> list[float]:
+        """Binary rewards, computed on the replica's leader (code runs sandboxed) and shared with its group."""
+        rewards = [None]
+        if self.rollout.is_leader:
+            kinds = [verifier_kind(i) for i in items]
+            results = verify_batch(kinds, [self.decode(ids) for ids in responses], [reference_of(i) for i in items])
+            rewards = [[float(x.correct) for x in results]]
+        mp = self.student.pgc.mp
+        if mp.size() > 1:
+            dist.broadcast_object_list(rewards, src=dist.get_global_rank(mp, 0), group=mp)
+        return rewards[0]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -76,7 +76,10 @@ class Trainer:
             chunk = items[index:index + cfg.train.micro_batch_size]
             # a seed per (run, step, replica, micro-batch) makes a resumed run draw the very same samples
             seed = zlib.crc32(f"{cfg.train.seed}/{step}/{r.dp_rank}/{index}".encode())
-            samples = r.rollout.generate([i.prompt_ids for i in chunk], dataclasses.replace(r.sampling, seed=seed))
+            if cfg.algo.name == "sft":  # off-policy: the dataset holds the (teacher's) responses
+                samples = [r.dataset_sample(item) for item in chunk]
+            else:
+                samples = r.rollout.generate([i.prompt_ids for i in chunk], dataclasses.replace(r.sampling, seed=seed))
             batch = samples_to_batch(samples, max(len(s.prompt_ids) + len(s.response_ids) for s in samples), r.pad_id)
             r.scorer.submit(batch["tokens"], [r.frozen_owners(item) for item in chunk])
             micro_batches.append(batch)
@@ -88,6 +91,8 @@ class Trainer:
 
     # ---- 2-3. log-probs of the old policy, the teachers and the reference -----------------------------------
     def add_old_logprobs(self, data: StepData) -> None:
+        if self.cfg.algo.name == "sft":
+            return
         old = self.run_.student.token_logprobs(data.micro_batches, temperature=self.cfg.rollout.temperature)
         for mb, lp in zip(data.micro_batches, old):
             mb["old_lp"] = lp
@@ -128,11 +133,30 @@ class Trainer:
                     cfg.algo.lam), 0.0)
                 parts.append(gopd_metrics(mask, mb["advantages"], mb["teacher_lp"], mb["old_lp"], ref))
                 parts.append(self._per_teacher_metrics(mb))
-            parts.append(mismatch_metrics(mb["rollout_lp"], mb["old_lp"], mask))
+            if "old_lp" in mb:
+                parts.append(mismatch_metrics(mb["rollout_lp"], mb["old_lp"], mask))
+        if cfg.algo.name == "grpo":
+            parts.append(self._grpo_advantages(data))
         self.step_dropped = dropped / max(rows, 1)
         metrics = reduce_metrics(merge_metrics(*parts), r.student.pgc.dp)
         metrics["faults/dropped_samples"] = _sum_over(dropped, r.student.pgc.dp)
         return metrics
+
+    def _grpo_advantages(self, data: StepData) -> dict[str, Stat]:
+        """Binary verifier rewards, normalised within each prompt's group of samples, on every response token."""
+        r, n = self.run_, self.cfg.rollout.samples_per_prompt
+        rewards = torch.tensor(r.verify(data.items, data.responses), dtype=torch.float64)
+        groups = rewards.view(-1, n)
+        advantages = ((groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True, unbiased=False) + 1e-6)).view(-1)
+        row, out = 0, {"grpo/reward": Stat(rewards.sum(), torch.tensor(float(len(rewards))))}
+        for mb in data.micro_batches:
+            rows = mb["tokens"].shape[0]
+            mb["advantages"] = mb["loss_mask"] * advantages[row:row + rows, None].float()
+            row += rows
+        for domain in sorted({i.domain for i in data.items}):
+            mine = torch.tensor([i.domain == domain for i in data.items])
+            out[f"grpo/{domain}/reward"] = Stat(rewards[mine].sum(), mine.sum().double())
+        return out
 
     def _per_teacher_metrics(self, mb) -> dict[str, Stat]:
         out = {}
@@ -155,13 +179,21 @@ class Trainer:
                                     cfg.algo.aggregation)
 
         def loss_fn(mb, lp, entropy, logits):
-            if cfg.algo.loss == "full_vocab":
+            if cfg.algo.name == "sft":
+                loss, metrics = aggregate_loss(-lp, mb["loss_mask"], cfg.algo.aggregation, denominator), {
+                    "sft/nll": Stat.masked_mean(-lp, mb["loss_mask"])}
+            elif cfg.algo.loss == "full_vocab":
                 kl = r.full_vocab_kl(mb, logits)
                 loss, metrics = aggregate_loss(kl, mb["loss_mask"], cfg.algo.aggregation, denominator), {
                     "actor/full_vocab_kl": Stat.masked_mean(kl, mb["loss_mask"])}
             else:
                 loss, metrics = policy_loss(lp, mb["old_lp"], mb["advantages"], mb["loss_mask"], loss_cfg,
                                             rollout_lp=mb["rollout_lp"], denominator=denominator)
+                if cfg.algo.kl_coef > 0:  # GRPO's optional KL to the reference (k3 estimator)
+                    log_ratio = torch.where(mb["loss_mask"].bool(), mb["ref_lp"] - lp, 0.0)
+                    k3 = log_ratio.exp() - log_ratio - 1
+                    loss = loss + cfg.algo.kl_coef * aggregate_loss(k3, mb["loss_mask"], cfg.algo.aggregation, denominator)
+                    metrics["grpo/kl_ref"] = Stat.masked_mean(k3, mb["loss_mask"])
             if entropy is not None:
                 metrics["actor/entropy"] = Stat.masked_mean(entropy, mb["loss_mask"])
             metrics["loss"] = Stat(loss.detach().double(), torch.tensor(1.0 / dp.size()))  # sums to the global loss

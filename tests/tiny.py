@@ -12,6 +12,8 @@ TINY_CONFIGS = {
     "qwen2": dict(_BASE, model_type="qwen2", rope_theta=1000000.0),  # q/k/v biases
     "qwen3": dict(_BASE, model_type="qwen3", head_dim=32, rope_theta=1000000.0),  # qk-norm, head_dim != h/heads
     "qwen3_tied": dict(_BASE, model_type="qwen3", head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True),
+    # a 16-token vocabulary: a random policy hits a given token 1 time in 16, enough signal for RL tests
+    "qwen3_vocab16": dict(_BASE, model_type="qwen3", head_dim=32, rope_theta=1000000.0, vocab_size=16),
 }
 
 

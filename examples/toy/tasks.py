@@ -364,6 +364,9 @@ def sample_code(rng: random.Random, config: CodeConfig | None = None) -> Problem
                 last = i == num_ops - 1
                 if last and rng.random() < config.reduce_prob:
                     op = _reducer(rng, value)
+                    # Reducing one element, or taking len right after take(k), gives the answer away.
+                    if len(value) < 2 or (op == "len" and ops and ops[-1].startswith("take")):
+                        raise _Rejected
                 else:
                     op = _string_op(rng, config) if isinstance(value, str) else _list_op(rng, config)
                 new = apply_op(value, op)

@@ -7,8 +7,8 @@ and are treated as -inf logits (they get zero probability and zero gradient).
 Why hand-written: megatron-core's `vocab_parallel_cross_entropy` keeps the whole fp32 softmax alive for backward and
 gives no entropy or KL. Here each function is an autograd.Function that walks the flattened tokens in chunks,
 computes in fp32 per chunk only, saves the logits reference plus a few fp32 numbers per token, and recomputes the
-chunk's softmax in backward. Extra memory is therefore a few chunk-sized fp32 temporaries (plus the logits
-gradient itself, which autograd needs anyway). Each chunk costs two small all-reduces over the TP group (max, then
+chunk's softmax in backward. Extra memory is therefore 2-3 chunk-sized fp32 buffers, reused by every chunk (plus
+the logits gradient itself, which autograd needs anyway). Each chunk costs two small all-reduces over the TP group (max, then
 sums); backward needs none, because the global normalisers are saved.
 """
 
@@ -80,14 +80,23 @@ class _Shard:
         return local.clamp(0, max(self.n_valid - 1, 0)), on_shard
 
 
-def _scaled_minus(raw: torch.Tensor, scale: float, row_offset: torch.Tensor) -> torch.Tensor:
-    """A fresh fp32 `raw * scale - row_offset[:, None]` in one pass (mixed dtypes promote to fp32)."""
-    return torch.add(-row_offset.unsqueeze(-1), raw, alpha=scale)
+def _workspace(shard: _Shard, flat: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """`count` fp32 [chunk_tokens, V_real] buffers reused by every chunk of one call. Fresh chunk-sized tensors would
+    cost a page-faulting allocation per chunk on CPU (big blocks go straight back to the OS), which dominates the
+    elementwise work; on GPU the caching allocator makes this a no-op either way."""
+    rows = min(shard.chunk_tokens, flat.shape[0])
+    return [flat.new_empty((rows, shard.n_valid), dtype=torch.float32) for _ in range(count)]
 
 
-def _scaled(raw: torch.Tensor, scale: float) -> torch.Tensor:
-    """A fresh fp32 `raw * scale`; bf16 is upcast first, as bf16 * float would compute in bf16."""
-    return raw * scale if raw.dtype == torch.float32 else raw.float().mul_(scale)
+def _scaled_minus(raw: torch.Tensor, scale: float, row_offset: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """fp32 `raw * scale - row_offset[:, None]` in one pass into `buf` (mixed dtypes promote to fp32)."""
+    return torch.add(-row_offset.unsqueeze(-1), raw, alpha=scale, out=buf[: raw.shape[0]])
+
+
+def _scaled(raw: torch.Tensor, scale: float, buf: torch.Tensor) -> torch.Tensor:
+    """fp32 `raw * scale` into `buf`; bf16 is upcast first, as bf16 * float would compute in bf16."""
+    out = buf[: raw.shape[0]]
+    return torch.mul(raw, scale, out=out) if raw.dtype == torch.float32 else out.copy_(raw).mul_(scale)
 
 
 def _check_inputs(logits: torch.Tensor, name: str, temperature: float) -> None:
@@ -108,11 +117,11 @@ def _flatten(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _logprob_entropy_chunk(shard: _Shard, raw, targets, inv_t: float, with_entropy: bool):
+def _logprob_entropy_chunk(shard: _Shard, raw, targets, inv_t: float, with_entropy: bool, work):
     """(log-prob, log-normaliser, entropy or None) of one chunk's tokens, [tokens] fp32 each."""
     (m,) = shard.global_max(shard.row_max(raw) * inv_t)  # max commutes with the positive scaling
-    shifted = _scaled_minus(raw, inv_t, m)
-    exp = shifted.exp()
+    shifted = _scaled_minus(raw, inv_t, m, work[0])
+    exp = torch.exp(shifted, out=work[1][: raw.shape[0]])
     idx, on_shard = shard.local_target_index(targets)
     target = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) if shard.n_valid else torch.zeros_like(m)
     stats = [exp.sum(-1), target.masked_fill(~on_shard, 0.0)]
@@ -124,10 +133,10 @@ def _logprob_entropy_chunk(shard: _Shard, raw, targets, inv_t: float, with_entro
     return target - log_z, m + log_z, log_z - dot[0] / sum_exp if with_entropy else None
 
 
-def _logprob_entropy_grad_chunk(shard: _Shard, raw, targets, inv_t: float, lse, a, b, target_grad, out) -> None:
+def _logprob_entropy_grad_chunk(shard: _Shard, raw, targets, inv_t: float, lse, a, b, target_grad, out, work):
     """Writes p_j (a + b log p_j) + 1[j=t] target_grad into the chunk's gradient `out`; b None: no entropy term."""
-    log_p = _scaled_minus(raw, inv_t, lse)
-    p = log_p.exp()
+    log_p = _scaled_minus(raw, inv_t, lse, work[0])
+    p = torch.exp(log_p, out=work[1][: raw.shape[0]])
     coef = a.unsqueeze(-1) if b is None else log_p.mul_(b.unsqueeze(-1)).add_(a.unsqueeze(-1))
     torch.mul(p, coef, out=out)
     if target_grad is not None:
@@ -143,10 +152,10 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         logprobs = flat.new_empty(n, dtype=torch.float32)
         entropy = torch.empty_like(logprobs) if with_entropy else None
         lse = torch.empty_like(logprobs)
+        work = _workspace(shard, flat, 2)
         for rows in shard.chunks(n):
-            # One function call per chunk, so that its [tokens, V] temporaries are freed before the next chunk.
             logprobs[rows], lse[rows], chunk_entropy = _logprob_entropy_chunk(
-                shard, shard.real(flat, rows), flat_targets[rows], inv_t, with_entropy
+                shard, shard.real(flat, rows), flat_targets[rows], inv_t, with_entropy, work
             )
             if with_entropy:
                 entropy[rows] = chunk_entropy
@@ -173,10 +182,11 @@ class _TokenLogprobEntropy(torch.autograd.Function):
             g_h = grad_entropy.reshape(-1).float()
             a, b = a - g_h * entropy * inv_t, g_h * -inv_t
         target_grad = g_lp * inv_t if grad_logprobs is not None else None
+        work = _workspace(shard, flat, 2)
         for rows in shard.chunks(flat.shape[0]):
             _logprob_entropy_grad_chunk(
                 shard, shard.real(flat, rows), flat_targets[rows], inv_t, lse[rows], a[rows],
-                _rows(b, rows), _rows(target_grad, rows), grad[rows, : shard.n_valid],
+                _rows(b, rows), _rows(target_grad, rows), grad[rows, : shard.n_valid], work,
             )
         return grad.view(ctx.logits_shape), None, None, None, None
 
@@ -213,22 +223,23 @@ def token_logprobs_and_entropy(
     return _TokenLogprobEntropy.apply(logits, targets, shard, float(temperature), with_entropy)
 
 
-def _target_logits(shard, flat_t, flat_r, rows, lam, inv_t) -> torch.Tensor:
-    """Fresh fp32 u = lam * teacher/T + (1 - lam) * ref/T, so that the target is q = softmax(u): the per-model
+def _target_logits(shard, flat_t, flat_r, rows, lam, inv_t, buf) -> torch.Tensor:
+    """fp32 u = lam * teacher/T + (1 - lam) * ref/T into `buf`, so that the target is q = softmax(u): the per-model
     log-normalisers are constant along the vocabulary and drop out of softmax(lam z_T + (1 - lam) z_ref)."""
-    u = _scaled(shard.real(flat_t, rows), lam * inv_t)
+    u = _scaled(shard.real(flat_t, rows), lam * inv_t, buf)
     return u if flat_r is None else u.add_(shard.real(flat_r, rows), alpha=(1.0 - lam) * inv_t)
 
 
-def _kl_chunk(shard: _Shard, flat_s, flat_t, flat_r, rows: slice, lam: float, inv_t: float):
+def _kl_chunk(shard: _Shard, flat_s, flat_t, flat_r, rows: slice, lam: float, inv_t: float, work):
     """(KL, lse of x, lse of u) of one chunk's tokens; x = student / T, q = softmax(u) is the target."""
-    raw, u = shard.real(flat_s, rows), _target_logits(shard, flat_t, flat_r, rows, lam, inv_t)
+    raw, u = shard.real(flat_s, rows), _target_logits(shard, flat_t, flat_r, rows, lam, inv_t, work[0])
     m_s, m_u = shard.global_max(shard.row_max(raw) * inv_t, shard.row_max(u))
     # Max-shifted x and u: smaller magnitudes, less cancellation in the KL sum.
-    x = _scaled_minus(raw, inv_t, m_s)
+    x = _scaled_minus(raw, inv_t, m_s, work[1])
     u = u.sub_(m_u.unsqueeze(-1))
-    exp_s = x.exp()
-    sum_u = u.exp().sum(-1)
+    exps = work[2][: raw.shape[0]]
+    sum_u = torch.exp(u, out=exps).sum(-1)
+    exp_s = torch.exp(x, out=exps)
     diff = x.sub_(u)
     dot = torch.bmm(exp_s.unsqueeze(1), diff.unsqueeze(-1)).view(-1)  # sum_j e_j (x_j - u_j), no temporary
     sum_s, sum_u, dot = shard.global_sum(torch.stack([exp_s.sum(-1), sum_u, dot], -1)).unbind(-1)
@@ -238,12 +249,13 @@ def _kl_chunk(shard: _Shard, flat_s, flat_t, flat_r, rows: slice, lam: float, in
 
 
 def _kl_grad_chunk(
-    shard: _Shard, flat_s, flat_t, flat_r, rows: slice, lam: float, inv_t: float, lse_s, offset, g, out
+    shard: _Shard, flat_s, flat_t, flat_r, rows: slice, lam: float, inv_t: float, lse_s, offset, g, out, work
 ) -> None:
     """Writes g p_j (x_j - u_j - offset) into `out`, with offset = lse(x) - lse(u) + KL."""
     raw = shard.real(flat_s, rows)
-    p = _scaled_minus(raw, inv_t, lse_s).exp_()
-    log_ratio = _scaled_minus(raw, inv_t, offset).sub_(_target_logits(shard, flat_t, flat_r, rows, lam, inv_t))
+    p = _scaled_minus(raw, inv_t, lse_s, work[0]).exp_()
+    u = _target_logits(shard, flat_t, flat_r, rows, lam, inv_t, work[2])
+    log_ratio = _scaled_minus(raw, inv_t, offset, work[1]).sub_(u)
     log_ratio.mul_(g.unsqueeze(-1))
     torch.mul(p, log_ratio, out=out)
 
@@ -256,9 +268,9 @@ class _FullVocabGopdKL(torch.autograd.Function):
         n, inv_t = flat_s.shape[0], 1.0 / temperature
         kl = flat_s.new_empty(n, dtype=torch.float32)
         lse_s, lse_u = torch.empty_like(kl), torch.empty_like(kl)
+        work = _workspace(shard, flat_s, 3)
         for rows in shard.chunks(n):
-            # One function call per chunk, so that its [tokens, V] temporaries are freed before the next chunk.
-            kl[rows], lse_s[rows], lse_u[rows] = _kl_chunk(shard, flat_s, flat_t, flat_r, rows, lam, inv_t)
+            kl[rows], lse_s[rows], lse_u[rows] = _kl_chunk(shard, flat_s, flat_t, flat_r, rows, lam, inv_t, work)
         ctx.shard, ctx.lam, ctx.temperature, ctx.shape = shard, lam, temperature, student.shape
         ctx.has_ref = ref is not None
         ctx.save_for_backward(flat_s, flat_t, flat_r if ref is not None else kl.new_empty(0), lse_s, lse_u, kl)
@@ -275,10 +287,11 @@ class _FullVocabGopdKL(torch.autograd.Function):
         g = grad_kl.reshape(-1).float() * inv_t
         # dKL/dx_j = p_j (log p_j - log q_j - KL) = p_j (x_j - u_j + lse(u) - lse(x) - KL).
         offset = lse_s - lse_u + kl
+        work = _workspace(shard, flat_s, 3)
         for rows in shard.chunks(flat_s.shape[0]) if shard.n_valid else ():
             _kl_grad_chunk(
                 shard, flat_s, flat_t, flat_r, rows, ctx.lam, inv_t, lse_s[rows], offset[rows], g[rows],
-                grad[rows, : shard.n_valid],
+                grad[rows, : shard.n_valid], work,
             )
         return grad.view(ctx.shape), None, None, None, None, None
 
