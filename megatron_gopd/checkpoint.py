@@ -25,9 +25,7 @@ those collectives are redirected to the role's group for the duration of the cal
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -35,7 +33,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +42,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint import CheckpointException
+
+from megatron_gopd.runtime.distributed import collectives_scoped_to
 
 FORMAT_VERSION = 1
 META_FILE = "megatron_gopd.json"
@@ -70,47 +70,6 @@ def step_dir_name(step: int) -> str:
 
 
 # ---- collectives of one role ------------------------------------------------------------------------------
-
-_GROUPLESS_COLLECTIVES = (
-    "get_rank", "get_world_size", "barrier", "broadcast", "all_reduce", "all_gather", "gather", "scatter",
-    "reduce_scatter", "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
-)
-
-
-@contextlib.contextmanager
-def collectives_scoped_to(group: dist.ProcessGroup) -> Iterator[None]:
-    """Within the block, torch.distributed calls made without a group act on `group`, as if it were the world.
-
-    dist_checkpointing (and torch.distributed.checkpoint under it) hard-code the default group: rank 0 of the
-    world writes the common files, every collective spans the world. A role's ranks must save and load on their
-    own, so a call without a group goes to the role's group, its rank and size are those within the role, and
-    the `src`/`dst` ranks such a caller passes (which it numbers in its "world") are mapped to global ranks.
-    Process-wide while active: do not run other collectives from another thread meanwhile.
-    """
-    originals = {name: getattr(dist, name) for name in _GROUPLESS_COLLECTIVES}
-
-    def scoped(fn):
-        signature = inspect.signature(fn)
-
-        def call(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            if bound.arguments.get("group") is None:
-                bound.arguments["group"] = group
-                for key in ("src", "dst"):
-                    if bound.arguments.get(key) is not None:
-                        bound.arguments[key] = dist.get_global_rank(group, bound.arguments[key])
-            return fn(*bound.args, **bound.kwargs)
-
-        return call
-
-    for name, fn in originals.items():
-        setattr(dist, name, scoped(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
 
 def _broadcast_from_first(obj: Any, group: dist.ProcessGroup) -> Any:
     box = [obj]

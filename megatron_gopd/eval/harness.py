@@ -61,3 +61,24 @@ def summarize(records: list[dict], ks=(1,)) -> dict[str, float]:
         metrics[f"{domain}/response_length"] = sum(lengths[domain]) / len(lengths[domain])
         metrics[f"{domain}/truncated_frac"] = sum(truncated[domain]) / len(truncated[domain])
     return metrics
+
+
+def evaluate_hf_model(model_dir, data, *, n, ks=(1,), temperature=1.0, max_new_tokens=512, max_prompts=None,
+                   max_prompt_len=2048, batch_size=64, seed=0) -> tuple[dict, list[dict]]:
+    """Loads a HF model directory into the transformers engine and evaluates it on prompt files."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from megatron_gopd.data.prompts import load_prompts
+    from megatron_gopd.rollout.hf_engine import HFRolloutEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = load_prompts(data, tokenizer, max_prompt_len=max_prompt_len, split="test")
+    items = dataset.take(range(min(len(dataset), max_prompts or len(dataset))))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = HFRolloutEngine.from_pretrained(str(model_dir), device=device, max_batch_size=batch_size)
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                            stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
+    records = generate_and_verify(engine.generate, items, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                                  n=n, params=params)
+    return summarize(records, ks=ks), records

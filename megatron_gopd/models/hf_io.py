@@ -33,6 +33,9 @@ class HFWeights:
             else:
                 raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {root}")
 
+    def names(self) -> list[str]:
+        return sorted(self._state if self._state is not None else self._files)
+
     def __contains__(self, name: str) -> bool:
         return name in (self._state if self._state is not None else self._files)
 

@@ -9,7 +9,6 @@ tokens before it (entry 0, which has no context, is 0).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +25,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
 from megatron_gopd.config import OptimConfig
 from megatron_gopd.models.architectures import ModelDims
+from megatron_gopd.runtime.distributed import collectives_scoped_to
 
 MicroBatch = dict[str, torch.Tensor]  # "tokens" [b, s] plus any per-token inputs of the loss
 # (micro-batch, logprobs [b, s], entropy [b, s] | None, logits shard [b, s, V/tp]) -> (loss, metrics)
@@ -118,25 +118,6 @@ class ParallelModel:
         return results
 
 
-@contextlib.contextmanager
-def _world_collectives_scoped_to(role_world: dist.ProcessGroup):
-    """get_megatron_optimizer aligns param groups with an all_gather_object over the WHOLE world; the teacher
-    ranks never join it, so it would hang. Scope group-less world collectives to the student's own ranks."""
-    get_world_size, all_gather_object = dist.get_world_size, dist.all_gather_object
-
-    def scoped_world_size(group=None):
-        return get_world_size(role_world if group is None else group)
-
-    def scoped_all_gather_object(object_list, obj, group=None):
-        return all_gather_object(object_list, obj, group=role_world if group is None else group)
-
-    dist.get_world_size, dist.all_gather_object = scoped_world_size, scoped_all_gather_object
-    try:
-        yield
-    finally:
-        dist.get_world_size, dist.all_gather_object = get_world_size, all_gather_object
-
-
 class TrainableModel(ParallelModel):
     """The student: megatron DDP + the (distributed) optimizer + an LR schedule."""
 
@@ -159,7 +140,7 @@ class TrainableModel(ParallelModel):
             clip_grad=optim.clip_grad, use_distributed_optimizer=optim.distributed_optimizer,
             bf16=config.bf16, params_dtype=config.params_dtype,
         )
-        with _world_collectives_scoped_to(role_world):
+        with collectives_scoped_to(role_world):  # it all-gathers over the WORLD group
             self.optimizer = get_megatron_optimizer(
                 optimizer_config, [ddp], use_gloo_process_groups=False, pg_collection=pgc
             )

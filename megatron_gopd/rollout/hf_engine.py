@@ -56,6 +56,16 @@ class HFRolloutEngine:
         # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.x
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
+    @classmethod
+    def from_pretrained(cls, hf_dir: str, **kwargs) -> "HFRolloutEngine":
+        """An engine holding the weights of a HF checkpoint directory (safetensors), read tensor by tensor."""
+        from megatron_gopd.models.hf_io import HFWeights
+
+        engine = cls(hf_dir, **kwargs)
+        weights = HFWeights(hf_dir)
+        engine.sync_weights((name, weights[name]) for name in weights.names())
+        return engine
+
     @torch.no_grad()
     def sync_weights(self, weights: WeightStream) -> None:
         """Copies the exported tensors into the existing parameters (no reallocation)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import random
 from datetime import timedelta
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -51,3 +54,44 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+_GROUPLESS_COLLECTIVES = (
+    "get_rank", "get_world_size", "barrier", "broadcast", "all_reduce", "all_gather", "gather", "scatter",
+    "reduce_scatter", "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list",
+)
+
+
+@contextlib.contextmanager
+def collectives_scoped_to(group: dist.ProcessGroup) -> Iterator[None]:
+    """Within the block, torch.distributed calls made without a group act on `group`, as if it were the world.
+
+    dist_checkpointing (and torch.distributed.checkpoint under it) hard-code the default group: rank 0 of the
+    world writes the common files, every collective spans the world. A role's ranks must save and load on their
+    own, so a call without a group goes to the role's group, its rank and size are those within the role, and
+    the `src`/`dst` ranks such a caller passes (which it numbers in its "world") are mapped to global ranks.
+    Process-wide while active: do not run other collectives from another thread meanwhile.
+    """
+    originals = {name: getattr(dist, name) for name in _GROUPLESS_COLLECTIVES}
+
+    def scoped(fn):
+        signature = inspect.signature(fn)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            if bound.arguments.get("group") is None:
+                bound.arguments["group"] = group
+                for key in ("src", "dst"):
+                    if bound.arguments.get(key) is not None:
+                        bound.arguments[key] = dist.get_global_rank(group, bound.arguments[key])
+            return fn(*bound.args, **bound.kwargs)
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(dist, name, scoped(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)

@@ -1,0 +1,52 @@
+"""avg@n and pass@k of a Hugging Face model on a prompt dataset, per domain, as JSON and a printed table.
+
+    python tools/evaluate.py --model student-hf --data test.jsonl --n 4 [--temperature 1.0] [--out results.json]
+
+Math is graded with math-verify, code by running the row's tests in the sandbox, other domains by exact match
+(see megatron_gopd.eval.harness.verifier_kind).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF model directory (safetensors, config, tokenizer)")
+    parser.add_argument("--data", required=True, nargs="+", help="jsonl/parquet prompt files")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--k", type=int, nargs="*", default=[1], help="pass@k values to report")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--max-prompt-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the metrics and every sample's record here (JSON)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not Path(args.model, "config.json").is_file():
+        sys.exit(f"error: --model {args.model}: no config.json (a HF model directory is expected)")
+    from megatron_gopd.eval.harness import evaluate_hf_model
+
+    metrics, records = evaluate_hf_model(
+        args.model, args.data, n=args.n, ks=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len, batch_size=args.batch_size, seed=args.seed)
+    domains = sorted({name.split("/")[0] for name in metrics})
+    columns = sorted({name.split("/", 1)[1] for name in metrics})
+    print("| domain | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for domain in domains:
+        print(f"| {domain} | " + " | ".join(f"{metrics.get(f'{domain}/{c}', float('nan')):.4g}" for c in columns) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": str(args.model), "n": args.n, "metrics": metrics,
+                                              "samples": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
