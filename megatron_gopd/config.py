@@ -42,10 +42,11 @@ class TeacherConfig:
     name: str = MISSING
     path: str = MISSING
     domains: list[str] = field(default_factory=list)
-    placement: str = "colocated"  # colocated (on the student's ranks) | dedicated (ranks of its own)
+    placement: str = "colocated"  # colocated (student's ranks) | dedicated (ranks of its own) | sglang (a server)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dp: int = 1  # replicas, for dedicated teachers
     dtype: str = "fp32"
+    url: Optional[str] = None  # placement sglang: the server's base URL; `path` is then a HF dir (tokenizer)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ReferenceConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     dp: int = 1
     dtype: str = "fp32"
+    url: Optional[str] = None
 
 
 @dataclass
@@ -265,8 +267,17 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
     _require(len(set(names)) == len(names), "teachers", f"teacher names must be unique, got {names}")
     _require("reference" not in names, "teachers", "'reference' is reserved for the reference model")
     claimed: dict[str, str] = {}
+    placements = ("colocated", "dedicated", "sglang")
+    frozen_sections = [(f"teachers[{i}]", tc) for i, tc in enumerate(config.teachers)]
+    if config.uses_reference():
+        frozen_sections.append(("reference", config.reference))
+    for key, section in frozen_sections:
+        _choice(section.placement, f"{key}.placement", placements)
+        if section.placement == "sglang":
+            _require(bool(section.url), f"{key}.url", "placement sglang needs the server's url")
+            _require(r.temperature == 1.0, "rollout.temperature",
+                     f"{key} is an sglang server, which scores at temperature 1; set rollout.temperature=1.0")
     for i, tc in enumerate(config.teachers):
-        _choice(tc.placement, f"teachers[{i}].placement", ("colocated", "dedicated"))
         _require(bool(tc.domains) or d.default_teacher == tc.name, f"teachers[{i}].domains",
                  f"teacher {tc.name!r} claims no domain and is not data.default_teacher")
         for domain in tc.domains:
@@ -277,15 +288,17 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
         _require(d.default_teacher in names, "data.default_teacher", f"{d.default_teacher!r} is not a teacher {names}")
     if a.name == "gopd":
         _require(bool(config.teachers), "teachers", "G-OPD needs at least one teacher")
-    _choice(config.reference.placement, "reference.placement", ("colocated", "dedicated"))
 
     # Models: paths, architectures, and TP/PP against the heads.
     models = [("student", config.student.path, config.student.parallel)] + [
-        (f"teachers[{i}]", tc.path, tc.parallel) for i, tc in enumerate(config.teachers)
+        (key, section.path or config.student.path, section.parallel)
+        for key, section in frozen_sections if section.placement != "sglang"
     ]
-    if config.uses_reference():
-        models.append(("reference", config.reference.path or config.student.path, config.reference.parallel))
     if check_paths:
+        for key, section in frozen_sections:
+            if section.placement == "sglang":
+                _require((Path(section.path) / "config.json").is_file(), f"{key}.path",
+                         f"{section.path}: an sglang model's path must be its HF directory (config, tokenizer)")
         for key, model_path, parallel in models:
             hf_dir = Path(model_path) / "hf"
             _require(hf_dir.is_dir(), f"{key}.path",
@@ -303,9 +316,7 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
 
     # Placement and world size.
     student = config.student.parallel
-    frozen = [(f"teachers[{i}]", tc.placement, tc.parallel, tc.dp) for i, tc in enumerate(config.teachers)]
-    if config.uses_reference():
-        frozen.append(("reference", config.reference.placement, config.reference.parallel, config.reference.dp))
+    frozen = [(key, c.placement, c.parallel, c.dp) for key, c in frozen_sections]
     dedicated = sum(p.tp * p.pp * dp for _, placement, p, dp in frozen if placement == "dedicated")
     for key, placement, parallel, dp in frozen:
         if placement == "colocated":

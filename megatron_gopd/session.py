@@ -27,6 +27,7 @@ from megatron_gopd.rollout.colocated import ColocatedRollout
 from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout
 from megatron_gopd.teachers.frozen import FrozenModel, check_same_tokenizer
 from megatron_gopd.teachers.service import FrozenScorer, serve_frozen_model
+from megatron_gopd.teachers.sglang_http import SGLangHTTPModel
 
 
 def frozen_model_specs(cfg: RunConfig) -> dict[str, tuple[str, object]]:
@@ -44,7 +45,8 @@ def make_layout(cfg: RunConfig) -> RoleLayout:
                  for name, (_, c) in specs.items() if c.placement == "dedicated"}
     tp, pp = cfg.student.parallel.tp, cfg.student.parallel.pp
     student = ParallelShape(tp, pp, (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (tp * pp))
-    return build_layout(student, {name: (dedicated.get(name, student), name in dedicated) for name in specs},
+    on_ranks = [name for name, (_, c) in specs.items() if c.placement != "sglang"]  # servers hold no ranks
+    return build_layout(student, {name: (dedicated.get(name, student), name in dedicated) for name in on_ranks},
                         timeout_s=cfg.faults.exchange_timeout_s)
 
 
@@ -197,6 +199,8 @@ def build_run(cfg: RunConfig) -> Run | None:
     colocated = {name: FrozenModel(name, path, layout.frozen[name], dtype=section.dtype)
                  for name, (path, section) in specs.items() if section.placement == "colocated"}
     owners = {name: colocated.get(name) for name in specs}
+    owners.update({name: SGLangHTTPModel(name, section.url, timeout_s=cfg.faults.exchange_timeout_s)
+                   for name, (_, section) in specs.items() if section.placement == "sglang"})
     scorer = FrozenScorer(layout, owners, temperature=cfg.rollout.temperature, timeout_s=cfg.faults.exchange_timeout_s)
     rollout = ColocatedRollout(_make_engine(cfg, pgc.mp.rank() == 0), gpt, dims,
                                bucket_bytes=cfg.rollout.sync_bucket_mb << 20)

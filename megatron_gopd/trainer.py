@@ -81,7 +81,8 @@ class Trainer:
             else:
                 samples = r.rollout.generate([i.prompt_ids for i in chunk], dataclasses.replace(r.sampling, seed=seed))
             batch = samples_to_batch(samples, max(len(s.prompt_ids) + len(s.response_ids) for s in samples), r.pad_id)
-            r.scorer.submit(batch["tokens"], [r.frozen_owners(item) for item in chunk])
+            r.scorer.submit(batch["tokens"], [r.frozen_owners(item) for item in chunk],
+                            [len(s.prompt_ids) + len(s.response_ids) for s in samples])
             micro_batches.append(batch)
             responses += [s.response_ids for s in samples]
         seq = max(mb["tokens"].shape[1] for mb in micro_batches)  # one shape for megatron's schedule

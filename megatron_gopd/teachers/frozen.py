@@ -52,7 +52,7 @@ def tokenizer_fingerprint(model_path: str) -> tuple[int, str]:
     """(padded vocab size, hash of the token -> id map) of a model checkpoint's tokenizer."""
     from transformers import AutoTokenizer
 
-    hf_dir = Path(model_path) / "hf"
+    hf_dir = Path(model_path) / "hf" if (Path(model_path) / "hf").is_dir() else Path(model_path)
     vocab = AutoTokenizer.from_pretrained(hf_dir).get_vocab()
     digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
     return padded_vocab_size(ModelDims.from_hf(hf_dir).vocab_size), digest

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_gopd.runtime.layout import RoleGroups, RoleLayout
 from megatron_gopd.teachers.frozen import FrozenModel
+from megatron_gopd.teachers.sglang_http import SGLangHTTPModel
 
 _END_STEP, _END_RUN = (0, 0, 0), (-1, 0, 0)
 
@@ -40,22 +41,23 @@ class _Pending:
     result: torch.Tensor | None = None
     works: list = field(default_factory=list)
     header: torch.Tensor | None = None  # gloo sends from this memory until the work completes
+    future: object = None  # an SGLang server's answer
 
 
 class FrozenScorer:
     """Student side. Call `submit` for every rollout micro-batch (on every student rank, with the same
     arguments), then `collect` once per step."""
 
-    def __init__(self, layout: RoleLayout, owners: dict[str, FrozenModel | None], *, temperature: float,
-                 timeout_s: float):
-        """`owners` maps each frozen model name the student uses to its local FrozenModel (colocated) or None
-        (dedicated)."""
+    def __init__(self, layout: RoleLayout, owners: dict[str, FrozenModel | SGLangHTTPModel | None], *,
+                 temperature: float, timeout_s: float):
+        """`owners` maps each frozen model name the student uses to its local FrozenModel (colocated), to an
+        SGLangHTTPModel (a remote server), or to None (dedicated ranks)."""
         pgc = layout.student.pgc
         self.layout, self.models, self.temperature = layout, owners, temperature
         self.timeout = timedelta(seconds=timeout_s)
         self.mp, self.dp_rank = pgc.mp, pgc.dp.rank()
         self.is_leader = pgc.mp.rank() == 0
-        self.peers = {
+        self.peers = {  # dedicated models: their leader that serves this student replica
             name: layout.frozen[name].leader_of_dp_replica(self.dp_rank % layout.frozen[name].shape.dp)
             for name, local in owners.items() if local is None
         }
@@ -63,8 +65,10 @@ class FrozenScorer:
         self._batches: list[tuple[int, int]] = []  # (rows, seq) per submitted micro-batch
         self._pending: dict[str, list[tuple[int, _Pending]]] = {name: [] for name in owners}
 
-    def submit(self, tokens: torch.Tensor, owners: list[list[str]]) -> None:
-        """`tokens` [rows, seq]; `owners[i]` names every model that must score row i."""
+    def submit(self, tokens: torch.Tensor, owners: list[list[str]], lengths: list[int] | None = None) -> None:
+        """`tokens` [rows, seq]; `owners[i]` names every model that must score row i; `lengths[i]` is row i's
+        length without padding (default: all of it)."""
+        lengths = lengths or [tokens.shape[1]] * tokens.shape[0]
         index = len(self._batches)
         self._batches.append(tuple(tokens.shape))
         for name in self.models:
@@ -72,7 +76,11 @@ class FrozenScorer:
             if not rows:
                 continue
             pending = _Pending(rows, tokens[rows].contiguous())
-            if name in self.peers and self.is_leader:
+            model = self.models[name]
+            if isinstance(model, SGLangHTTPModel):
+                if self.is_leader:
+                    pending.future = model.score_async(pending.tokens, [lengths[i] for i in rows])
+            elif name in self.peers and self.is_leader:
                 peer = self.peers[name]
                 pending.header = torch.tensor([len(rows), tokens.shape[1], 1])
                 pending.result = torch.empty(len(rows), tokens.shape[1])
@@ -85,14 +93,17 @@ class FrozenScorer:
         which hold zeros). Available on every student rank."""
         out = {name: [torch.zeros(shape) for shape in self._batches] for name in self.models}
         for name, local in self.models.items():
-            if local is not None:
+            if isinstance(local, FrozenModel):
                 if self._pending[name]:
                     scores = local.score([{"tokens": p.tokens} for _, p in self._pending[name]], self.temperature)
                     for (index, p), lp in zip(self._pending[name], scores):
                         out[name][index][p.rows] = lp
                 local.offload()
                 continue
-            if self.is_leader:
+            if isinstance(local, SGLangHTTPModel) and self.is_leader:
+                for _, p in self._pending[name]:
+                    p.result = self._result(name, p.future)
+            elif self.is_leader:
                 end = torch.tensor(_END_STEP)
                 works = [dist.isend(end, self.peers[name])]
                 for _, p in self._pending[name]:
@@ -107,6 +118,15 @@ class FrozenScorer:
         self._pending = {name: [] for name in self.models}
         self.step += 1
         return out
+
+    def _result(self, name: str, future) -> torch.Tensor:
+        try:
+            return future.result(timeout=self.timeout.total_seconds())
+        except Exception as e:
+            raise ExchangeTimeoutError(
+                f"sglang model {name!r} ({self.models[name].url}) did not answer student replica {self.dp_rank} "
+                f"within {self.timeout.total_seconds():.0f}s at step {self.step}: {type(e).__name__}: {e}"
+            ) from e
 
     def _wait(self, name: str, works: list) -> None:
         groups = self.layout.frozen[name]
@@ -126,6 +146,9 @@ class FrozenScorer:
         if self.is_leader:
             for peer in self.peers.values():
                 dist.send(torch.tensor(_END_RUN), peer)
+        for model in self.models.values():
+            if isinstance(model, SGLangHTTPModel):
+                model.shutdown()
 
 
 def student_leaders_served_by(layout: RoleLayout, groups: RoleGroups, replica: int) -> list[int]:
