@@ -104,7 +104,7 @@ def test_tp2_matches_plain_log_softmax(tmp_path):
     assert r["lp_v250_no_entropy"]["entropy_is_none"]
     bf16 = r["lp_v250_bf16"]  # compute is fp32 on the bf16 values; the gradient is rounded to bf16
     assert bf16["lp"] < 1e-5 and bf16["entropy"] < 1e-5 and bf16["grad_dtype"] == "torch.bfloat16"
-    assert bf16["grad_rel"] < 4e-3
+    assert bf16["grad_rel"] < 2.0e-3  # one bf16 rounding (relative 2^-9) and no more
     for name in ("kl_lam1.25", "kl_lam0.5_v100", "kl_lam1_noref"):
         case = r[name]
         assert case["kl"] < 1e-5 and case["grad"] < 1e-5 and case["kl_min_ref"] > 0.1, (name, case)

@@ -141,7 +141,10 @@ def _logprob_entropy_grad_chunk(shard: _Shard, raw, targets, inv_t: float, lse, 
     torch.mul(p, coef, out=out)
     if target_grad is not None:
         idx, on_shard = shard.local_target_index(targets)
-        out.scatter_add_(-1, idx.unsqueeze(-1), (target_grad * on_shard).to(out.dtype).unsqueeze(-1))
+        idx, on_shard = idx.unsqueeze(-1), on_shard.unsqueeze(-1)
+        # Overwrite the target column with its value computed in fp32: adding into a bf16 `out` would round twice.
+        exact = p.gather(-1, idx) * coef.expand_as(p).gather(-1, idx) + target_grad.unsqueeze(-1)
+        out.scatter_(-1, idx, torch.where(on_shard, exact, out.gather(-1, idx).float()).to(out.dtype))
 
 
 class _TokenLogprobEntropy(torch.autograd.Function):
