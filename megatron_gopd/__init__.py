@@ -5,5 +5,5 @@ import warnings
 # Known-benign notices that every rank would print on every run: megatron-core falling back from Transformer
 # Engine/apex kernels to its local implementations (expected on CPU), and torch deprecations inside megatron.
 for _message in (".*Transformer Engine and Apex are not installed.*", "Apex is not installed.*",
-                 r".*torch\.distributed\.\w+ is deprecated.*", ".*absl.logging is not installed.*"):
+                 r".*torch\.distributed\.\w+`? is deprecated.*", ".*absl.logging is not installed.*"):
     warnings.filterwarnings("ignore", message=_message)

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
 
-    warnings.filterwarnings("ignore", module="megatron")
+    warnings.filterwarnings("ignore", module=r"megatron\.core")
     from megatron_gopd.runtime.distributed import init_distributed, seed_everything
 
     init_distributed(timeout_s=max(config.faults.exchange_timeout_s, 1800))

@@ -58,6 +58,8 @@ class Trainer:
             if cfg.eval.interval and (step + 1) % cfg.eval.interval == 0:
                 with r.logger.phase("eval"):
                     metrics.update(self.evaluate())
+            if step == r.start_step:
+                metrics.update(r.dataset.report.as_metrics())  # what the data loader kept and dropped, and why
             r.logger.log(step + 1, metrics)
             last = step + 1 == cfg.train.steps or self._stop_agreed()
             if last or (step + 1) % cfg.checkpoint.interval == 0:

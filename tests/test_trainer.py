@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import ROOT
 
-VOLATILE = ("time/", "memory/")
+VOLATILE = ("time/", "memory/", "data/")  # per process, not per step
 
 
 def write_run(tmp_path: Path, ckpts: Path, **overrides) -> Path:

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-warnings.filterwarnings("ignore", module="megatron")
+warnings.filterwarnings("ignore", module=r"megatron\.core")
 
 
 def parse_args(argv=None):

@@ -15,6 +15,7 @@ Wire format, per (step, student replica, frozen model): messages of header [rows
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -129,11 +130,13 @@ class FrozenScorer:
             ) from e
 
     def _wait(self, name: str, works: list) -> None:
+        """Waits for all of a model's exchanges under ONE deadline (not one timeout per message)."""
         groups = self.layout.frozen[name]
+        deadline = time.monotonic() + self.timeout.total_seconds()
         try:
             for work in works:
-                if not work.wait(self.timeout):
-                    raise TimeoutError
+                if not work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001))):
+                    raise TimeoutError("timed out")
         except Exception as e:  # gloo raises on a dead peer, and on timeouts
             raise ExchangeTimeoutError(
                 f"frozen model {name!r} (ranks {groups.ranks.start}-{groups.ranks.stop - 1}) did not answer "

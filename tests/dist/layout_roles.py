@@ -3,6 +3,8 @@ colocated reference. Records every group's members and every collective a studen
 
 import argparse
 import collections
+import functools
+import inspect
 import json
 import warnings
 
@@ -21,8 +23,9 @@ for _name in ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scat
               "barrier", "all_gather_object", "reduce"]:
     _original = getattr(dist, _name)
 
+    @functools.wraps(_original)  # keeps the signature that collectives_scoped_to binds against
     def _traced(*a, _original=_original, _name=_name, **k):
-        group = k.get("group")
+        group = inspect.signature(_original).bind(*a, **k).arguments.get("group")
         ranks = "WORLD" if group is None else tuple(dist.get_process_group_ranks(group))
         TRACE[f"{_name}:{ranks}"] += 1
         return _original(*a, **k)

@@ -1,0 +1,225 @@
+"""End-to-end on-policy distillation step: our trainer (lambda = 1) against Hugging Face TRL's DistillationTrainer.
+
+The same work on both sides:
+- models: the same tiny HF student and teacher checkpoints (bench/common.py; ours converted with
+  tools/convert_hf_to_megatron.py), fp32, no gradient checkpointing, dropout 0;
+- data: the same prompts, as chat messages rendered by the same chat template (the token ids are checked equal);
+  the same number of prompts per step, one sample each, one optimizer step per batch (no accumulation);
+- rollout: temperature 1, no top-k/top-p, exactly NEW_TOKENS new tokens per sample on both sides: the tokenizer's
+  EOS (id 250) lies outside the models' 250 logits, so no sample can stop early (checked on both sides);
+- objective: the on-policy reverse KL(student || teacher) on the sampled responses, token-mean, Adam(W)
+  (0.9, 0.999, 1e-8), constant lr 1e-5, weight decay 0, grad-norm clip 1.0.
+  TRL: DistillationTrainer (TRL's on-policy distillation; the experimental GKDTrainer with lmbda=1 is the same
+  run, as TRL's own warning says) with beta=1.0 (the generalized JSD at beta=1 IS the reverse KL, computed exactly
+  over the full vocabulary) and no lmbda knob: it always trains on the student's own fresh generations.
+  Ours, two rows: algo.loss=full_vocab (the exact full-vocabulary reverse KL, the same objective as TRL's) and
+  algo.loss=sampled (the paper's per-token estimator: PPO-clipped ratio loss with A_t = log pi_T - log pi_old).
+What each step computes:
+- TRL: generate (transformers.generate with the KV cache), student forward (grad) + teacher forward (no grad)
+  over prompt+response, the chunked full-vocab divergence, backward, AdamW step.
+- ours: rollout (our engine), pi_old (student forward, no grad), teacher log-probs (teacher forward through the
+  streaming scorer), student forward+backward with the loss (full_vocab: a teacher forward for its logits inside
+  the loss, too), Adam step (megatron's optimizer), weight sync into the rollout engine.
+  That is two more forward passes than TRL (pi_old, and for full_vocab the scorer's teacher pass) and a sync:
+  more work on our side, none less.
+Timing: seconds per step = the interval between consecutive step ends (TRL: a TrainerCallback's on_step_end;
+ours: the trainer's per-step log call), which counts every phase of the loop on both sides; the first step and
+start-up are excluded. Each side runs in a process of its own (ours with the CPU compatibility layer every CPU
+training process has; TRL in a clean process). Runs alternate (ours, TRL[, TRL, ours] in full mode).
+
+    python bench/bench_opd_vs_trl.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import BENCH, checkpoints, describe, emit, md_table, num_params, run_script, spread, summary  # noqa: E402
+
+PROMPTS_PER_STEP, NEW_TOKENS, LR = 8, 64, 1e-5
+TARGET = 2.0  # ours at least 2x faster per step
+SIDES = ("trl", "ours-full_vocab", "ours-sampled")
+
+
+def _prompt_rows(n: int = 64) -> list[dict]:
+    rows = []
+    for i in range(n):
+        words = " ".join(f"t{(i * 7 + j * 13) % 240 + 5}" for j in range(4 + i % 6))
+        rows.append({"prompt": words, "domain": "math"})
+    return rows
+
+
+def _step_times(ends: list[tuple[float, float]]) -> dict:
+    """(wall, cpu) stamps at each step's end -> per-step intervals, without the first step."""
+    wall = [b[0] - a[0] for a, b in zip(ends, ends[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(ends, ends[1:])]
+    return {"wall": wall, "cpu": cpu}
+
+
+def _ours(loss: str, steps: int, tmp: Path) -> dict:
+    import yaml
+
+    from megatron_gopd.config import load_config
+    from megatron_gopd.runtime.distributed import init_distributed, seed_everything
+
+    root = checkpoints()
+    data = tmp / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _prompt_rows()))
+    config = {
+        "student": {"path": str(root / "student")},
+        "teachers": [{"name": "teacher", "path": str(root / "teacher"), "domains": ["math"]}],
+        "algo": {"lam": 1.0, "loss": loss, "aggregation": "token-mean"},
+        "rollout": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        "data": {"train": [str(data)], "prompts_per_step": PROMPTS_PER_STEP, "max_prompt_len": 64},
+        "train": {"steps": steps, "micro_batch_size": PROMPTS_PER_STEP, "output_dir": str(tmp / "run"),
+                  "resume": "never"},
+        "optim": {"lr": LR, "weight_decay": 0.0, "clip_grad": 1.0},
+        "checkpoint": {"interval": 10**6},
+        "eval": {"interval": 0},
+        "log": {"tensorboard": False, "progress": False},
+    }
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(tmp / "config.yaml", world_size=1)
+    init_distributed()
+    import torch.distributed as dist
+
+    from megatron_gopd.session import build_run
+    from megatron_gopd.trainer import Trainer
+
+    seed_everything(cfg.train.seed)
+    run = build_run(cfg)
+    ends, lengths = [], []
+    log, generate = run.logger.log, run.rollout.generate
+
+    def timed_log(step, metrics, advance=True):
+        log(step, metrics, advance=advance)
+        if advance:
+            ends.append((time.perf_counter(), time.process_time()))
+
+    def counted_generate(prompts, params):
+        samples = generate(prompts, params)
+        lengths.extend(len(s.response_ids) for s in samples)
+        return samples
+
+    run.logger.log, run.rollout.generate = timed_log, counted_generate
+    Trainer(run).run()
+    dist.destroy_process_group()
+    phases = {}
+    for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()[1:]:  # without the first step
+        for key, value in json.loads(line).items():
+            if key.startswith("time/"):
+                phases.setdefault(key[5:-2], []).append(value)
+    return {**_step_times(ends), "phases": {k: summary(v)["median"] for k, v in phases.items()},
+            "response_lengths": sorted(set(lengths))}
+
+
+def _trl(steps: int, tmp: Path) -> dict:
+    import datasets
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from megatron_gopd.data.prompts import encode_prompts
+
+    root = checkpoints()
+    student, teacher = root / "hf" / "student", root / "hf" / "teacher"
+    messages = [[{"role": "user", "content": r["prompt"]}] for r in _prompt_rows()]
+    tokenizer = AutoTokenizer.from_pretrained(student, padding_side="left")
+    ends = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append((time.perf_counter(), time.process_time()))
+
+    args = DistillationConfig(
+        output_dir=str(tmp / "trl"), per_device_train_batch_size=PROMPTS_PER_STEP, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=1.0, temperature=1.0,
+        top_p=1.0, top_k=0, max_completion_length=NEW_TOKENS, gradient_checkpointing=False, bf16=False,
+        use_cpu=True, logging_steps=steps, save_strategy="no", report_to="none", dataloader_num_workers=0,
+        seed=1234, teacher_model_init_kwargs={"dtype": "float32"}, model_init_kwargs={"dtype": "float32"},
+    )
+    trainer = DistillationTrainer(model=str(student), teacher_model=str(teacher), args=args,
+                                  train_dataset=datasets.Dataset.from_list([{"prompt": m} for m in messages]),
+                                  processing_class=tokenizer, callbacks=[StepEnds()])
+    ours_ids = encode_prompts(messages[:4], tokenizer)
+    trl_ids = trainer._tokenize_prompts(messages[:4])[0]  # the trainer's own prompt path
+    assert [list(x) for x in trl_ids] == ours_ids, "TRL and megatron-gopd tokenise the prompts differently"
+    trainer.train()
+    m = trainer._metrics["train"]
+    lengths = sorted(set(m["completions/min_length"] + m["completions/max_length"]))
+    return {**_step_times(ends), "response_lengths": lengths}
+
+
+def _worker(side: str, steps: int) -> dict:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = _trl(steps, Path(tmp)) if side == "trl" else _ours(side.split("-")[1], steps, Path(tmp))
+    if result["response_lengths"] != [NEW_TOKENS]:
+        raise AssertionError(f"{side}: responses of lengths {result['response_lengths']}, not all {NEW_TOKENS}")
+    return {**result, "threads": torch.get_num_threads()}
+
+
+def run(quick: bool) -> dict:
+    """Per-step seconds of each side over alternating runs, and ours/TRL ratios of the medians."""
+    checkpoints()
+    steps = 5 if quick else 8
+    order = SIDES if quick else SIDES + SIDES[::-1]
+    samples = {side: {"wall": [], "cpu": []} for side in SIDES}
+    phases = {}
+    for side in order:
+        r = run_script(BENCH / "bench_opd_vs_trl.py", "--worker", side, str(steps))
+        samples[side]["wall"] += r["wall"]
+        samples[side]["cpu"] += r["cpu"]
+        phases.setdefault(side, r.get("phases"))
+    result = {"student": describe("tiny"), "params": num_params("tiny"), "prompts_per_step": PROMPTS_PER_STEP,
+              "new_tokens": NEW_TOKENS, "steps_per_run": steps, "runs": list(order),
+              "seconds_per_step": {s: summary(samples[s]["wall"]) for s in SIDES},
+              "cpu_seconds_per_step": {s: summary(samples[s]["cpu"]) for s in SIDES},
+              "phases": {s: p for s, p in phases.items() if p}}
+    trl = result["seconds_per_step"]["trl"]["median"]
+    trl_cpu = result["cpu_seconds_per_step"]["trl"]["median"]
+    result["speedup_vs_trl"] = {s: trl / result["seconds_per_step"][s]["median"] for s in SIDES[1:]}
+    result["cpu_speedup_vs_trl"] = {s: trl_cpu / result["cpu_seconds_per_step"][s]["median"] for s in SIDES[1:]}
+    result["meets_target"] = result["speedup_vs_trl"]["ours-full_vocab"] >= TARGET
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    rows = []
+    for side in SIDES:
+        wall, cpu = result["seconds_per_step"][side], result["cpu_seconds_per_step"][side]
+        speed = "1 (baseline)" if side == "trl" else f"{result['speedup_vs_trl'][side]:.2f}x"
+        cpu_speed = "1 (baseline)" if side == "trl" else f"{result['cpu_speedup_vs_trl'][side]:.2f}x"
+        rows.append([side, spread(wall), speed, spread(cpu), cpu_speed])
+    table = md_table(["side", "s/step (wall)", "speed-up vs TRL", "CPU s/step (process)", "CPU speed-up"], rows)
+    phase_lines = "\n".join(f"- {side}: " + ", ".join(f"{k} {v:.3f}s" for k, v in phases.items())
+                            for side, phases in result["phases"].items())
+    verdict = "ok" if result["meets_target"] else "MISSED"
+    return (f"End-to-end OPD step, {result['student']} student and teacher ({result['params'] / 1e6:.2f}M params "
+            f"each), {result['prompts_per_step']} prompts/step x exactly {result['new_tokens']} new tokens, "
+            f"{result['steps_per_run']} steps per run, runs {', '.join(result['runs'])}; the first step of each run "
+            f"is excluded. Target ours (full_vocab, TRL's objective) >= {TARGET}x faster: {verdict}.\n\n{table}\n\n"
+            f"Our phases (median s/step):\n{phase_lines}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", nargs=2, metavar=("SIDE", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        emit(_worker(args.worker[0], int(args.worker[1])))
+        return
+    print(to_markdown(run(args.quick)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Rollout: our transformers engine (HFRolloutEngine) against `transformers.generate`, and the weight-sync cost.
+
+Generation: batch 16, exactly 128 new tokens (the tokenizer's EOS lies outside the model's vocabulary, and our
+engine gets no stop ids), temperature 1, no top-k/top-p, on the tiny Llama, fp32. Both sides return the sampled
+tokens AND their log-probs (generate with output_scores + compute_transition_scores), which is what a rollout
+needs; plain generate (tokens only) is timed too. Calls alternate (ABC, BCA, CAB, ...) after one warm-up call each;
+the ratio is taken per round, so a noisy neighbour slows both sides of a ratio alike.
+
+The generation rows run twice: first in a clean process, then with megatron_gopd's CPU compatibility layer active
+(its process-wide TorchFunctionMode, which every training process on CPU has), which shows what that layer costs.
+
+Weight sync: `ColocatedRollout.sync_weights()` (the streaming exporter -> the engine's parameters, one 512 MiB
+bucket bound) on a world-1 Megatron student, in seconds per sync and GB/s of exported weights.
+
+    python bench/bench_rollout.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    BENCH, checkpoints, describe, emit, md_table, num_params, ratio_summary, run_script, spread, summary,
+    write_hf_config_dir,
+)
+
+BATCH, NEW_TOKENS = 16, 128
+TARGET = 1.0  # engine tokens/s at least 1.0x generate's
+# Sync sizes beyond the tiny student (random weights: the sync cost does not depend on their values).
+SYNC_SIZES = {
+    "tiny": None,  # the converted tiny student checkpoint
+    "llama-56M": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=1408, vocab_size=32000),
+    "llama-0.4B": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+                       intermediate_size=2816, vocab_size=32000),
+}
+QUICK_SYNC = ("tiny", "llama-56M")
+
+
+def _prompts(n: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [[1] + torch.randint(5, 250, (4 + i % 9,), generator=g).tolist() for i in range(n)]
+
+
+def _generation_rounds(engine, model, prompts, rounds: int) -> dict:
+    import dataclasses
+
+    import torch
+
+    from megatron_gopd.rollout.base import SamplingParams
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=NEW_TOKENS, stop_token_ids=())
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left-padded, as generate wants for a decoder-only model
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+
+    def engine_call(seed: int) -> None:
+        samples = engine.generate(prompts, dataclasses.replace(params, seed=seed))
+        assert all(len(s.response_ids) == NEW_TOKENS for s in samples)
+
+    @torch.no_grad()
+    def generate_call(seed: int, with_logprobs: bool) -> None:
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=NEW_TOKENS,
+                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, output_scores=with_logprobs,
+                             return_dict_in_generate=True)
+        assert out.sequences.shape[1] == longest + NEW_TOKENS
+        if with_logprobs:
+            model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+
+    methods = {"engine": engine_call, "generate+logprobs": lambda s: generate_call(s, True),
+               "generate": lambda s: generate_call(s, False)}
+    names = list(methods)
+    for fn in methods.values():  # warm-up
+        fn(0)
+    seconds = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % 3:] + names[:r % 3]:
+            start = time.perf_counter()
+            methods[name](r + 1)
+            seconds[name].append(time.perf_counter() - start)
+    tokens = len(prompts) * NEW_TOKENS
+    return {
+        "tokens_per_s": {n: summary([tokens / s for s in seconds[n]]) for n in names},
+        "ratio_vs_generate_logprobs": ratio_summary(seconds["generate+logprobs"], seconds["engine"]),
+        "ratio_vs_generate": ratio_summary(seconds["generate"], seconds["engine"]),
+    }
+
+
+def _sync(name: str, root: Path, tmp: Path, reps: int) -> dict:
+    import torch
+
+    from megatron_gopd.checkpoint import load_model
+    from megatron_gopd.models.architectures import ModelDims
+    from megatron_gopd.models.builder import build_model
+    from megatron_gopd.models.export import ExportStats, export_hf_weights
+    from megatron_gopd.rollout.colocated import ColocatedRollout
+    from megatron_gopd.rollout.hf_engine import HFRolloutEngine
+    from megatron_gopd.runtime.layout import ParallelShape, build_layout
+
+    overrides = SYNC_SIZES[name]
+    hf_dir = root / "hf" / "student" if overrides is None else write_hf_config_dir("tiny", tmp / name, **overrides)
+    layout = build_layout(ParallelShape())
+    dims = ModelDims.from_hf(hf_dir)
+    gpt = build_model(dims, layout.student.pgc)
+    if overrides is None:
+        load_model(root / "student", gpt, group=layout.student.world)
+    rollout = ColocatedRollout(HFRolloutEngine(str(hf_dir)), gpt, dims, bucket_bytes=512 << 20)
+    stats = ExportStats()
+    for _ in export_hf_weights(gpt, dims, bucket_bytes=512 << 20, stats=stats):
+        pass
+    rollout.sync_weights()  # warm-up
+    seconds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        rollout.sync_weights()
+        seconds.append(time.perf_counter() - start)
+    with torch.no_grad():  # the sync really moved the student's weights
+        engine_params = dict(rollout.engine.model.named_parameters())
+        name0, tensor0 = next(export_hf_weights(gpt, dims))
+        assert torch.equal(engine_params[name0], tensor0)
+    s = summary(seconds)
+    return {"model": name, "params": sum(p.numel() for p in gpt.parameters()), "bytes": stats.total_bytes,
+            "seconds": s, "gb_per_s": stats.total_bytes / s["median"] / 1e9, "peak_bucket_bytes": stats.peak_bytes}
+
+
+def _worker(quick: bool) -> dict:
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gopd.rollout.hf_engine import HFRolloutEngine
+    from megatron_gopd.runtime.distributed import init_distributed
+
+    root = checkpoints()
+    hf_dir = root / "hf" / "student"
+    engine = HFRolloutEngine.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompts = _prompts(BATCH)
+    rounds = 3 if quick else 6
+    result = {"model": describe("tiny"), "params": num_params("tiny"), "threads": torch.get_num_threads(),
+              "clean": _generation_rounds(engine, model, prompts, rounds)}
+    init_distributed()  # applies the CPU compatibility layer, as in every training process
+    result["with_cpu_compat"] = _generation_rounds(engine, model, prompts, rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        result["sync"] = [_sync(name, root, Path(tmp), 3 if quick else 5)
+                          for name in (QUICK_SYNC if quick else SYNC_SIZES)]
+    return result
+
+
+def run(quick: bool) -> dict:
+    """Generation throughput of both methods (clean process and under the CPU compat layer) and sync costs."""
+    result = run_script(BENCH / "bench_rollout.py", "--worker", "quick" if quick else "full")
+    ratio = result["clean"]["ratio_vs_generate_logprobs"]["median"]
+    result["meets_target"] = ratio >= TARGET
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    rows = []
+    for label, key in (("clean process", "clean"), ("CPU compat layer on", "with_cpu_compat")):
+        g = result[key]
+        rows.append([label, spread(g["tokens_per_s"]["engine"], "{:.0f}"),
+                     spread(g["tokens_per_s"]["generate+logprobs"], "{:.0f}"),
+                     spread(g["tokens_per_s"]["generate"], "{:.0f}"),
+                     spread(g["ratio_vs_generate_logprobs"], "{:.2f}"), spread(g["ratio_vs_generate"], "{:.2f}")])
+    gen = md_table(["process", "engine tok/s", "generate+logprobs tok/s", "generate tok/s",
+                    "engine / generate+logprobs", "engine / generate"], rows)
+    sync = md_table(["student", "params", "MB exported", "sync s/step", "GB/s"], [
+        [s["model"], f"{s['params'] / 1e6:.2f}M", f"{s['bytes'] / 1e6:.1f}", spread(s["seconds"], "{:.4f}"),
+         f"{s['gb_per_s']:.2f}"] for s in result["sync"]])
+    verdict = "ok" if result["meets_target"] else "MISSED"
+    return (f"Rollout, batch {BATCH} x {NEW_TOKENS} new tokens, {result['model']} ({result['params'] / 1e6:.2f}M "
+            f"params), fp32, {result['threads']} threads. Ratios are engine tok/s over the baseline's, per round "
+            f"(median (min-max, n)). Target engine >= {TARGET}x generate+logprobs (clean process): {verdict}.\n\n"
+            f"{gen}\n\nWeight sync (ColocatedRollout.sync_weights, world 1, fp32):\n\n{sync}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", choices=["quick", "full"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        emit(_worker(args.worker == "quick"))
+        return
+    print(to_markdown(run(args.quick)))
+
+
+if __name__ == "__main__":
+    main()

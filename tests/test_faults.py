@@ -1,0 +1,155 @@
+"""Issue 11: the fault suite. Each case kills, hangs, corrupts or poisons something in a real torchrun job and
+asserts what was lost: nothing."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import ROOT
+from tests.test_trainer import launch, metrics, write_run
+
+DEDICATED = [  # world 3: the student on rank 0, a dedicated math teacher on rank 1, code on rank 2
+    {"name": "math", "domains": ["math"], "placement": "dedicated"},
+    {"name": "code", "domains": ["code"], "placement": "dedicated"},
+]
+
+
+def dedicated_run(tmp_path, ckpts, **overrides):
+    teachers = [dict(t, path=str(ckpts / t["name"])) for t in DEDICATED]
+    return write_run(tmp_path, ckpts, teachers=teachers, faults={"exchange_timeout_s": 20}, **overrides)
+
+
+def worker(proc: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "megatron_gopd.train" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            pass
+    raise LookupError(rank)
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout=400):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) > step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "hang"])
+def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, tiny_checkpoints, tmp_path):
+    straight = dedicated_run(tmp_path / "straight", tiny_checkpoints, train__steps=4)
+    done = launch(straight, nproc=3)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    config = dedicated_run(tmp_path / "faulty", tiny_checkpoints, train__steps=4)
+    run_dir = tmp_path / "faulty" / "run"
+    proc = launch(config, nproc=3, wait=False)
+    wait_for_step(run_dir, 2, proc)  # steps 0 (eval) .. 2 logged; checkpoints every step
+    teacher, student = worker(proc, 1), worker(proc, 0)
+    teacher.send_signal(signal.SIGKILL if fault == "sigkill" else signal.SIGSTOP)
+    started = time.time()
+    student.wait(timeout=20 + 30)  # the student stops within the exchange timeout plus 30 s...
+    student_exit = time.time() - started
+    output, _ = proc.communicate(timeout=60)  # ...and torchrun then tears the job down (a stopped process gets
+    assert proc.returncode != 0  # torchrun's 30 s SIGTERM grace before its SIGKILL)
+    assert student_exit < 20 + 30, student_exit
+    if fault == "hang":  # a hung peer is caught by our timeout, which names the role, its ranks and the step
+        assert "frozen model 'math' (ranks 1-1) did not answer student replica 0 within 20s at step" in output
+    for p in psutil.Process().children(recursive=True):  # nothing of the job is left behind
+        assert "megatron_gopd.train" not in " ".join(p.cmdline())
+
+    latest = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[-1])
+    assert latest >= 2
+    resumed = launch(config, "--resume", "auto", nproc=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, want = metrics(run_dir), metrics(tmp_path / "straight" / "run")
+    for step in range(latest + 1, 5):
+        assert got[step] == want[step], step  # the remaining steps are exactly those of the uninterrupted run
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_checkpoints, tmp_path):
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=3)
+    assert launch(config).returncode == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shard = sorted((checkpoints / "step_00000003" / "dist").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = metrics(tmp_path / "run")
+    resumed = launch(config, "--resume", "auto", "train.steps=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "checksum mismatch" in log and "resumed from step 2" in log
+    after = metrics(tmp_path / "run")  # step 3 was redone from step 2's checkpoint, identically
+    assert after[3] == before[3]
+
+
+def test_nan_in_one_teacher_response_drops_exactly_that_sample(tiny_checkpoints, tmp_path):
+    poisoned = tmp_path / "poisoned-hf"
+    subprocess.run(["cp", "-r", str(tiny_checkpoints / "hf" / "math"), str(poisoned)], check=True)
+    weights = load_file(poisoned / "model.safetensors")
+    weights["model.embed_tokens.weight"][249] = float("nan")  # any sequence holding token t249 scores NaN
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(poisoned), "--save-dir",
+                    str(tmp_path / "poisoned")], check=True, cwd=ROOT, capture_output=True)
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, data__prompts_per_step=8, teachers=[
+        {"name": "math", "path": str(tmp_path / "poisoned"), "domains": ["math"]},
+        {"name": "code", "path": str(tiny_checkpoints / "code"), "domains": ["code"]}])
+    data = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows = rows[:8]  # one step's worth, each prompt once
+    rows[1] = {"prompt": "t249 t17 t18", "domain": "math", "answer": "t5"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(tmp_path / "run")
+    for step in (1, 2):  # every step holds all 8 prompts, so the poisoned one each time
+        assert m[step]["faults/dropped_samples"] == 1
+        assert m[step]["loss"] is not None and m[step]["grad_norm"] > 0
+
+
+def test_malformed_dataset_rows_are_counted_by_kind(tiny_checkpoints, tmp_path):
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=1, eval__interval=0)
+    data = tmp_path / "prompts.jsonl"
+    good = data.read_text()
+    bad = [
+        "{not json",
+        json.dumps({"domain": "math"}),  # no prompt
+        json.dumps({"prompt": "   ", "domain": "math"}),  # empty prompt
+        json.dumps({"prompt": 42, "domain": "math"}),  # wrong type
+        json.dumps({"prompt": "t5 t6"}),  # no domain
+        json.dumps({"prompt": " ".join(["t9"] * 40), "domain": "code"}),  # over max_prompt_len (32)
+    ]
+    data.write_text(good + "\n".join(bad) + "\n")
+    result = launch(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["data/prompts"] == 48 and first["data/dropped"] == 6
+    for reason in ("invalid_json", "missing_prompt", "empty_prompt", "bad_prompt_type", "missing_domain", "too_long"):
+        assert first[f"data/dropped/{reason}"] == 1, reason
+    log = result.stdout + result.stderr
+    assert f"{data}:49" in log  # the first bad row, reported with its file and line
+
+    strict = launch(config, "data.on_bad_row=error")
+    assert strict.returncode != 0 and f"{data}:49: invalid_json" in strict.stdout + strict.stderr
+
+
+def test_unknown_domain_is_an_error_before_training(tiny_checkpoints, tmp_path):
+    config = write_run(tmp_path, tiny_checkpoints)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(data.read_text() + json.dumps({"prompt": "t5", "domain": "poetry"}) + "\n")
+    result = launch(config)
+    assert result.returncode != 0
+    assert "poetry" in result.stderr and "code" in result.stderr and "math" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
