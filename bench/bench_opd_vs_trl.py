@@ -131,18 +131,21 @@ def _trl(steps: int, tmp: Path) -> dict:
     student, teacher = root / "hf" / "student", root / "hf" / "teacher"
     messages = [[{"role": "user", "content": r["prompt"]}] for r in _prompt_rows()]
     tokenizer = AutoTokenizer.from_pretrained(student, padding_side="left")
-    ends = []
+    ends, lengths = [], set()
 
     class StepEnds(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             ends.append((time.perf_counter(), time.process_time()))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            lengths.update(int(logs[k]) for k in ("completions/min_length", "completions/max_length") if k in logs)
 
     args = DistillationConfig(
         output_dir=str(tmp / "trl"), per_device_train_batch_size=PROMPTS_PER_STEP, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=1.0, temperature=1.0,
         top_p=1.0, top_k=0, max_completion_length=NEW_TOKENS, gradient_checkpointing=False, bf16=False,
-        use_cpu=True, logging_steps=steps, save_strategy="no", report_to="none", dataloader_num_workers=0,
+        use_cpu=True, logging_steps=1, disable_tqdm=True, save_strategy="no", report_to="none", dataloader_num_workers=0,
         seed=1234, teacher_model_init_kwargs={"dtype": "float32"}, model_init_kwargs={"dtype": "float32"},
     )
     trainer = DistillationTrainer(model=str(student), teacher_model=str(teacher), args=args,
@@ -152,9 +155,7 @@ def _trl(steps: int, tmp: Path) -> dict:
     trl_ids = trainer._tokenize_prompts(messages[:4])[0]  # the trainer's own prompt path
     assert [list(x) for x in trl_ids] == ours_ids, "TRL and megatron-gopd tokenise the prompts differently"
     trainer.train()
-    m = trainer._metrics["train"]
-    lengths = sorted(set(m["completions/min_length"] + m["completions/max_length"]))
-    return {**_step_times(ends), "response_lengths": lengths}
+    return {**_step_times(ends), "response_lengths": sorted(lengths)}
 
 
 def _worker(side: str, steps: int) -> dict:

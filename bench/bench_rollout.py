@@ -148,7 +148,7 @@ def _worker(quick: bool) -> dict:
     engine = HFRolloutEngine.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompts = _prompts(BATCH)
-    rounds = 3 if quick else 6
+    rounds = 4 if quick else 8
     result = {"model": describe("tiny"), "params": num_params("tiny"), "threads": torch.get_num_threads(),
               "clean": _generation_rounds(engine, model, prompts, rounds)}
     init_distributed()  # applies the CPU compatibility layer, as in every training process

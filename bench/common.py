@@ -104,14 +104,21 @@ def checkpoints() -> Path:
 
 
 # ---- worker processes ----------------------------------------------------------------------------------------
+# One intra-op thread per worker process, on both sides of every comparison. On this suite's shared 2-core CPU
+# machines, two OpenMP threads that spin-wait for a core another process holds made tiny-model steps 10-30x slower
+# and erratic (measured: 16 x 128 tokens took 7-35 CPU-s with 2 threads, 0.7-1.0 with 1). On a GPU box the
+# workers inherit the caller's setting (THREADS = None).
+THREADS = None if os.environ.get("BENCH_THREADS") == "default" else int(os.environ.get("BENCH_THREADS", "1"))
+
+
 def _env(threads: int | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 
 
-def run_script(script: Path, *args: str, timeout: float = 1800, threads: int | None = None) -> dict | None:
+def run_script(script: Path, *args: str, timeout: float = 1800, threads: int | None = THREADS) -> dict | None:
     """Runs `python script args`; returns the JSON object on its last stdout line (None if it prints none)."""
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
                           env=_env(threads), cwd=ROOT)
@@ -122,7 +129,7 @@ def run_script(script: Path, *args: str, timeout: float = 1800, threads: int | N
     return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
 
 
-def torchrun(script: Path, nproc: int, *args: str, timeout: float = 1800, threads: int = 1) -> dict:
+def torchrun(script: Path, nproc: int, *args: str, timeout: float = 1800, threads: int | None = THREADS) -> dict:
     """Runs bench/dist/<script> under torchrun; the script writes its JSON result to --out from rank 0."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"

@@ -140,10 +140,9 @@ class Trainer:
                 parts.append(mismatch_metrics(mb["rollout_lp"], mb["old_lp"], mask))
         if cfg.algo.name == "grpo":
             parts.append(self._grpo_advantages(data))
-        self.step_dropped = dropped / max(rows, 1)
-        metrics = reduce_metrics(merge_metrics(*parts), r.student.pgc.dp)
-        metrics["faults/dropped_samples"] = _sum_over(dropped, r.student.pgc.dp)
-        return metrics
+        self.step_dropped = _sum_over(dropped, r.student.pgc.dp) / _sum_over(rows, r.student.pgc.dp)
+        parts.append({"faults/dropped_samples": Stat.total_of(dropped)})
+        return reduce_metrics(merge_metrics(*parts), r.student.pgc.dp)
 
     def _grpo_advantages(self, data: StepData) -> dict[str, Stat]:
         """Binary verifier rewards, normalised within each prompt's group of samples, on every response token."""
@@ -165,7 +164,7 @@ class Trainer:
         out = {}
         for t, name in enumerate(self.run_.teacher_names):
             rows = (mb["teacher_index"] == t)[:, None] & mb["loss_mask"].bool()
-            out[f"teacher/{name}/samples"] = Stat((mb["teacher_index"] == t).sum().double(), torch.tensor(1.0 / self.run_.dp_size))
+            out[f"teacher/{name}/samples"] = Stat.total_of((mb["teacher_index"] == t).sum())
             out[f"teacher/{name}/kl"] = Stat.masked_mean(mb["old_lp"] - mb["teacher_lp"], rows)
             if "ref_lp" in mb:
                 out[f"teacher/{name}/reward"] = Stat.masked_mean(mb["teacher_lp"] - mb["ref_lp"], rows)
@@ -199,7 +198,7 @@ class Trainer:
                     metrics["grpo/kl_ref"] = Stat.masked_mean(k3, mb["loss_mask"])
             if entropy is not None:
                 metrics["actor/entropy"] = Stat.masked_mean(entropy, mb["loss_mask"])
-            metrics["loss"] = Stat(loss.detach().double(), torch.tensor(1.0 / dp.size()))  # sums to the global loss
+            metrics["loss"] = Stat.total_of(loss)  # each micro-batch's share: they sum to the global loss
             return loss, metrics
 
         metrics = {}

@@ -18,7 +18,7 @@ def small_vocab_model(tmp_path_factory):
     save_tiny_hf("qwen3_vocab16", root / "hf", seed=0, tokenizer_vocab=16)
     subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(root / "hf"),
                     "--save-dir", str(root / "ckpt")], check=True, cwd=ROOT, capture_output=True)
-    rows = [{"prompt": f"t{4 + i % 12} t{4 + (i * 5) % 12}", "domain": "toy", "answer": "t7", "response": "t7"}
+    rows = [{"prompt": f"t{5 + i % 11} t{5 + (i * 5) % 11}", "domain": "toy", "answer": "t7", "response": "t7"}
             for i in range(32)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root

@@ -103,7 +103,8 @@ def test_nan_in_one_teacher_response_drops_exactly_that_sample(tiny_checkpoints,
     save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
     subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(poisoned), "--save-dir",
                     str(tmp_path / "poisoned")], check=True, cwd=ROOT, capture_output=True)
-    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, data__prompts_per_step=8, teachers=[
+    # top_k=1: the student never samples t249 itself, so the only NaN sample is the poisoned prompt's
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, data__prompts_per_step=8, rollout__top_k=1, teachers=[
         {"name": "math", "path": str(tmp_path / "poisoned"), "domains": ["math"]},
         {"name": "code", "path": str(tiny_checkpoints / "code"), "domains": ["code"]}])
     data = tmp_path / "prompts.jsonl"

@@ -33,19 +33,24 @@ def tiny_hf_model(name: str, seed: int = 0):
     return model.eval()
 
 
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<assistant>", "<unk>"]  # ids 0-4; words are "t5".."t{n-1}"
+
+
 def tiny_tokenizer(vocab_size: int = 250):
-    """A word-level tokenizer over tokens "t0".."t{n-1}" (ids 0..n-1), with a chat template; no download."""
+    """A word-level tokenizer: special tokens at ids 0-4, then words "t5".."t{n-1}" at their own ids, and a chat
+    template; no download. (Special tokens must not be prefixes of words: transformers splits added tokens out of
+    any text that contains them.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    vocab = {name: i for i, name in enumerate(SPECIAL_TOKENS)} | {f"t{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="t1", eos_token="t2", pad_token="t0",
-                                        unk_token="t0")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
     tokenizer.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
-        "{% if add_generation_prompt %}t3 {% endif %}"
+        "{{ bos_token }} {% for m in messages %}{{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
     )
     return tokenizer
 

@@ -10,6 +10,14 @@
 
 Every response ends with a final line "Answer: <answer>"; `grade` compares that text with the reference exactly
 (whitespace-normalised).
+
+Default difficulty (MathConfig, CodeConfig): 2-4 operations per problem in both domains, so accuracy spreads from
+easy 2-step problems to hard 4-step ones instead of sitting at 0% or 100%. Math: operands up to 99, products of a
+multi-digit number by one digit (2-9), every intermediate in [0, 999]: multi-digit carries, which tiny models find
+hard but learnable (string-only tasks were too easy in the prototype). Code: lists of 3-6 items up to 30 and
+strings of 3-6 letters, with ops that need arithmetic (map, filter thresholds, shift through the alphabet, sum)
+beside ones that only move items (rev, rot, sort, take, drop, uniq); programs whose answer is given away (an op
+that changes nothing, len of an unchanged length, a reduction of one item) are redrawn.
 """
 
 from __future__ import annotations
@@ -266,7 +274,6 @@ _OPS: list[tuple[re.Pattern[str], Callable[[Value, str, re.Match[str]], Value]]]
     (re.compile(r"max"), lambda v, op, m: max(_nonempty_ints(v, op))),
     (re.compile(r"min"), lambda v, op, m: min(_nonempty_ints(v, op))),
     (re.compile(r"shift\((\d+)\)"), lambda v, op, m: _shift(_text(v, op), int(m[1]))),
-    (re.compile(r"count\(([a-z])\)"), lambda v, op, m: _text(v, op).count(m[1])),
 ]
 
 
@@ -316,7 +323,7 @@ class CodeConfig:
     max_value: int = 999  # every number along the way (items, sums) must be <= max_value
     max_arg: int = 5  # the k of map(+k), map(*k), take(k), drop(k), rot(k), shift(k) is drawn in [1, max_arg]
     string_prob: float = 0.4  # chance that the input is a string rather than a list
-    reduce_prob: float = 0.5  # chance that the last op reduces to an int (sum, max, min, len, count)
+    reduce_prob: float = 0.5  # chance that the last op reduces a list to an int (sum, max, min; len after filter/uniq)
 
     def __post_init__(self) -> None:
         _check_range("min_ops", self.min_ops, "max_ops", self.max_ops, lowest=1)
@@ -341,10 +348,13 @@ def _string_op(rng: random.Random, config: CodeConfig) -> str:
     return rng.choice(["rev", "sort", "uniq", f"take({k})", f"drop({k})", f"rot({k})", f"shift({k})"])
 
 
-def _reducer(rng: random.Random, value: Value) -> str:
+def _reducer(rng: random.Random, value: Value, previous: str | None) -> str | None:
+    """A final op that reduces to an int, or None where each would give the answer away: len restates the input's
+    length unless the previous op (filter, uniq) changed it in a way that takes work to count."""
+    len_is_work = previous is not None and previous.startswith(("filter", "uniq"))
     if isinstance(value, str):
-        return rng.choice(["len", f"count({rng.choice(value)})"])
-    return rng.choice(["sum", "max", "min", "len"])
+        return "len" if len_is_work else None
+    return rng.choice(["sum", "max", "min"] + ["len"] * len_is_work)
 
 
 def sample_code(rng: random.Random, config: CodeConfig | None = None) -> Problem:
@@ -361,17 +371,18 @@ def sample_code(rng: random.Random, config: CodeConfig | None = None) -> Problem
         ops: list[str] = []
         try:
             for i in range(num_ops):
-                last = i == num_ops - 1
-                if last and rng.random() < config.reduce_prob:
-                    op = _reducer(rng, value)
-                    # Reducing one element, or taking len right after take(k), gives the answer away.
-                    if len(value) < 2 or (op == "len" and ops and ops[-1].startswith("take")):
+                op = None
+                if i == num_ops - 1 and rng.random() < config.reduce_prob:
+                    op = _reducer(rng, value, ops[-1] if ops else None)
+                    if op is not None and len(value) < 2:  # reducing one element gives the answer away
                         raise _Rejected
-                else:
+                if op is None:
                     op = _string_op(rng, config) if isinstance(value, str) else _list_op(rng, config)
                 new = apply_op(value, op)
-                # An op that leaves the value unchanged or empty teaches nothing (and an empty one stops the chain).
-                if new == value or new in ([], "") or _largest(new) > config.max_value:
+                # An op that leaves the value unchanged or empty teaches nothing (and an empty one stops the chain);
+                # repeating the previous op mostly undoes it (rev|rev) or is redundant.
+                if (new == value or new in ([], "") or _largest(new) > config.max_value
+                        or (ops and op == ops[-1])):
                     raise _Rejected
                 ops.append(op)
                 value = new

@@ -149,11 +149,17 @@ def policy_loss(
 @dataclass(frozen=True)
 class Stat:
     """A metric's local partial: for op "mean", `total` is a sum over `count` items; for op "max", `total` is a
-    maximum and `count` is unused. Partials merge across micro-batches and reduce exactly across ranks."""
+    maximum; for op "sum", `total` is a sum (a count, or a loss share) reported as is. `count` is unused by the
+    last two. Partials merge across micro-batches and reduce exactly across ranks."""
 
     total: torch.Tensor
     count: torch.Tensor
-    op: Literal["mean", "max"] = "mean"
+    op: Literal["mean", "max", "sum"] = "mean"
+
+    @staticmethod
+    def total_of(value: torch.Tensor | float) -> Stat:
+        value = torch.as_tensor(value).detach().double()
+        return Stat(value, torch.ones((), dtype=torch.float64), "sum")
 
     @staticmethod
     def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> Stat:
@@ -215,18 +221,19 @@ def merge_metrics(*parts: Metrics) -> Metrics:
             elif stat.op == "max":
                 merged[name] = Stat(torch.maximum(prev.total, stat.total), prev.count + stat.count, "max")
             else:
-                merged[name] = Stat(prev.total + stat.total, prev.count + stat.count)
+                merged[name] = Stat(prev.total + stat.total, prev.count + stat.count, stat.op)
     return merged
 
 
 def reduce_metrics(metrics: Metrics, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """Means (sum / count) and maxima over all ranks of `group` (two all-reduces); None means this process only.
+    """Means (sum / count), sums and maxima over all ranks of `group`; None means this process only.
 
     Every rank of the group must call it with the same metric names. Reduce over the data-parallel group: TP/PP
     ranks of one replica hold copies of the same numbers. A mean over zero items, or a max over none, is nan."""
     names = sorted(metrics)
     means = [n for n in names if metrics[n].op == "mean"]
     maxes = [n for n in names if metrics[n].op == "max"]
+    additive = [n for n in names if metrics[n].op == "sum"]
     communicate = group is not None and dist.get_world_size(group) > 1
     out: dict[str, float] = {}
     if means:
@@ -235,6 +242,11 @@ def reduce_metrics(metrics: Metrics, group: dist.ProcessGroup | None = None) -> 
             dist.all_reduce(sums, group=group)
         totals, counts = sums.tolist()[: len(means)], sums.tolist()[len(means) :]
         out.update({n: t / c if c > 0 else math.nan for n, t, c in zip(means, totals, counts)})
+    if additive:
+        totals = torch.stack([metrics[n].total for n in additive]).double()
+        if communicate:
+            dist.all_reduce(totals, group=group)
+        out.update(zip(additive, totals.tolist()))
     if maxes:
         values = torch.stack([metrics[n].total for n in maxes]).double()
         if communicate:

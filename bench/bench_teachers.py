@@ -1,0 +1,119 @@
+"""Teacher scaling: teacher compute per step with 1, 2 and 4 domain teachers, routed against all-score.
+
+One step = MICRO_BATCHES rollout micro-batches of ROWS samples (SEQ tokens each), whose domains are spread evenly
+over the K teachers. Both modes drive the real `FrozenScorer` (submit each micro-batch, then collect) with K
+colocated `FrozenModel` teachers on a world-1 student layout:
+- routed (ours): owners = [[teacher of the row's domain]]: each sample is scored once, by its own teacher;
+- all-score (the paper's reference code): owners = [[every teacher]]: every teacher scores every sample.
+Reported per step: teacher forward seconds (submit + collect), micro-batch forward calls and samples scored
+(the FrozenModel counters), and t(K) / t(1). Rounds alternate the two modes and the teacher counts.
+Target: routed flat in K; all-score grows linearly.
+
+    python bench/bench_teachers.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import BENCH, checkpoints, describe, emit, md_table, num_params, run_script, spread, summary  # noqa: E402
+
+MICRO_BATCHES, ROWS, SEQ = 2, 8, 128
+TEACHER_COUNTS = (1, 2, 4)
+FLAT_TOLERANCE = 1.25  # "flat": t(4) / t(1) at most this for the routed mode
+
+
+def _worker(quick: bool) -> dict:
+    import torch
+
+    from megatron_gopd.runtime.distributed import init_distributed
+
+    init_distributed()
+    from megatron_gopd.runtime.layout import ParallelShape, build_layout
+    from megatron_gopd.teachers.frozen import FrozenModel
+    from megatron_gopd.teachers.service import FrozenScorer
+
+    root = checkpoints()
+    names = [f"teacher{i}" for i in range(max(TEACHER_COUNTS))]
+    layout = build_layout(ParallelShape(), {n: (ParallelShape(), False) for n in names})
+    models = {n: FrozenModel(n, str(root / "teacher_big"), layout.frozen[n]) for n in names}
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 250, (ROWS, SEQ), generator=g) for _ in range(MICRO_BATCHES)]
+
+    def step(k: int, mode: str) -> dict:
+        teachers = names[:k]
+        scorer = FrozenScorer(layout, {n: models[n] for n in teachers}, temperature=1.0, timeout_s=600)
+        before = {n: (models[n].forward_calls, models[n].samples_scored) for n in teachers}
+        start = time.perf_counter()
+        for j, tokens in enumerate(batches):
+            domains = [(j * ROWS + i) % k for i in range(ROWS)]  # an even spread of domains over the teachers
+            owners = [[teachers[d]] for d in domains] if mode == "routed" else [teachers] * ROWS
+            scorer.submit(tokens, owners)
+        scores = scorer.collect()
+        seconds = time.perf_counter() - start
+        assert all(len(scores[n]) == MICRO_BATCHES for n in teachers)
+        return {"seconds": seconds,
+                "forward_calls": sum(models[n].forward_calls - before[n][0] for n in teachers),
+                "samples_scored": sum(models[n].samples_scored - before[n][1] for n in teachers)}
+
+    modes = ("routed", "all")
+    for k in TEACHER_COUNTS:  # warm-up: every teacher's first forward
+        step(k, "all")
+    runs = {(k, m): [] for k in TEACHER_COUNTS for m in modes}
+    for r in range(3 if quick else 6):
+        order = [(k, m) for k in TEACHER_COUNTS for m in (modes if r % 2 == 0 else modes[::-1])]
+        for k, m in order if r % 2 == 0 else order[::-1]:
+            runs[(k, m)].append(step(k, m))
+    rows = []
+    for m in modes:
+        base = summary([x["seconds"] for x in runs[(1, m)]])["median"]
+        for k in TEACHER_COUNTS:
+            s = summary([x["seconds"] for x in runs[(k, m)]])
+            rows.append({"mode": m, "teachers": k, "seconds": s, "vs_one_teacher": s["median"] / base,
+                         "forward_calls": runs[(k, m)][0]["forward_calls"],
+                         "samples_scored": runs[(k, m)][0]["samples_scored"]})
+    return {"teacher": describe("teacher_big"), "teacher_params": num_params("teacher_big"),
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+def run(quick: bool) -> dict:
+    result = run_script(BENCH / "bench_teachers.py", "--worker", "quick" if quick else "full")
+    by = {(r["mode"], r["teachers"]): r for r in result["rows"]}
+    top = max(TEACHER_COUNTS)
+    result["routed_growth"] = by[("routed", top)]["vs_one_teacher"]
+    result["all_growth"] = by[("all", top)]["vs_one_teacher"]
+    result["meets_target"] = result["routed_growth"] <= FLAT_TOLERANCE
+    return result
+
+
+def to_markdown(result: dict) -> str:
+    rows = [[r["mode"], r["teachers"], spread(r["seconds"]), f"{r['vs_one_teacher']:.2f}x", r["forward_calls"],
+             r["samples_scored"]] for r in result["rows"]]
+    table = md_table(["mode", "teachers", "teacher s/step", "vs 1 teacher", "micro-batch forwards/step",
+                      "samples scored/step"], rows)
+    verdict = "ok" if result["meets_target"] else "MISSED"
+    top = max(TEACHER_COUNTS)
+    return (f"Teacher scaling: {MICRO_BATCHES} micro-batches x {ROWS} samples x {SEQ} tokens per step, domains "
+            f"spread evenly; teachers {result['teacher']} ({result['teacher_params'] / 1e6:.1f}M params), "
+            f"colocated, world 1. With {top} teachers routed costs {result['routed_growth']:.2f}x one teacher, "
+            f"all-score {result['all_growth']:.2f}x. Target routed flat (<= {FLAT_TOLERANCE}x): {verdict}.\n\n{table}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", choices=["quick", "full"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        emit(_worker(args.worker == "quick"))
+        return
+    print(to_markdown(run(args.quick)))
+
+
+if __name__ == "__main__":
+    main()
