@@ -46,12 +46,16 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout=400):
     raise AssertionError(f"the run never reached step {step}")
 
 
-@pytest.mark.parametrize("fault", ["sigkill", "hang"])
-def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, tiny_checkpoints, tmp_path):
-    straight = dedicated_run(tmp_path / "straight", tiny_checkpoints, train__steps=4)
-    done = launch(straight, nproc=3)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("straight")
+    done = launch(dedicated_run(root, tiny_checkpoints, train__steps=4), nproc=3)
     assert done.returncode == 0, done.stderr[-3000:]
+    return metrics(root / "run")
 
+
+@pytest.mark.parametrize("fault", ["sigkill", "hang"])
+def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, uninterrupted, tiny_checkpoints, tmp_path):
     config = dedicated_run(tmp_path / "faulty", tiny_checkpoints, train__steps=4)
     run_dir = tmp_path / "faulty" / "run"
     proc = launch(config, nproc=3, wait=False)
@@ -73,7 +77,7 @@ def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, tiny
     assert latest >= 2
     resumed = launch(config, "--resume", "auto", nproc=3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got, want = metrics(run_dir), metrics(tmp_path / "straight" / "run")
+    got, want = metrics(run_dir), uninterrupted
     for step in range(latest + 1, 5):
         assert got[step] == want[step], step  # the remaining steps are exactly those of the uninterrupted run
 
