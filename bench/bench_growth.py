@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    BENCH, describe, emit, linear_fit, md_table, num_params, proc_status_kib, reset_peak_rss, run_script, spread,
-    summary, write_hf_config_dir,
+    BENCH, describe, emit, linear_fit, md_table, num_params, proc_status_kib, quadratic_share, reset_peak_rss,
+    run_script, spread, summary, write_hf_config_dir,
 )
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
@@ -52,13 +52,12 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
         student = TrainableModel(build_model(dims, layout.student.pgc, seed=0), dims, OptimConfig(lr=1e-5),
                                  layout.student.world, total_steps=steps + 1)
         teacher = ParallelModel(build_model(dims, layout.student.pgc, seed=1).requires_grad_(False).eval(), dims)
-        g = torch.Generator().manual_seed(length)
-        tokens = torch.randint(3, 250, (BATCH, PROMPT + length), generator=g)
-        mask = torch.zeros(BATCH, PROMPT + length)
-        mask[:, PROMPT:] = 1.0
         cfg = PolicyLossConfig(aggregation="token-mean")
 
-        def step() -> None:
+        def step(response: int) -> None:
+            tokens = torch.randint(3, 250, (BATCH, PROMPT + response), generator=torch.Generator().manual_seed(response))
+            mask = torch.zeros(BATCH, PROMPT + response)
+            mask[:, PROMPT:] = 1.0
             mb = {"tokens": tokens, "loss_mask": mask}
             teacher_lp = teacher.token_logprobs([mb])[0]
             mb["old_lp"] = mb["rollout_lp"] = student.token_logprobs([mb])[0]
@@ -72,12 +71,14 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
             _, info = student.train_step([mb], loss_fn, temperature=1.0)
             assert info["update_ok"], info
 
-        step()  # warm-up: the optimizer state and megatron's buffers
+        step(64)  # warm-up, short: the optimizer state and the code paths
+        if steps > 1:
+            step(length)  # and at full length: megatron's attention buffer for this length
         base_kib = reset_peak_rss()
         seconds = []
         for _ in range(steps):
             start = time.perf_counter()
-            step()
+            step(length)
             seconds.append(time.perf_counter() - start)
         conn.send({"length": length, "seconds": seconds,
                    "peak_extra_mib": (proc_status_kib("VmHWM") - base_kib) / 1024,
@@ -119,31 +120,32 @@ def run(quick: bool) -> dict:
     xs = [p["length"] for p in result["points"]]
     for p in result["points"]:
         p["seconds"] = summary(p["seconds"])
-    result["time_fit"] = linear_fit(xs, [p["seconds"]["median"] for p in result["points"]])
-    result["memory_fit"] = linear_fit(xs, [p["peak_extra_mib"] for p in result["points"]])
-    # the same fits without the longest length: where the curve bends
-    result["time_fit_to_2048"] = linear_fit(xs[:-1], [p["seconds"]["median"] for p in result["points"]][:-1])
-    result["memory_fit_to_2048"] = linear_fit(xs[:-1], [p["peak_extra_mib"] for p in result["points"]][:-1])
+    times = [p["seconds"]["median"] for p in result["points"]]
+    memory = [p["peak_extra_mib"] for p in result["points"]]
+    result["time_fit"], result["memory_fit"] = linear_fit(xs, times), linear_fit(xs, memory)
+    result["time_quadratic"], result["memory_quadratic"] = quadratic_share(xs, times), quadratic_share(xs, memory)
     # per-token cost against the shortest length: 1.0 everywhere is linear growth
-    first = result["points"][0]
-    for p in result["points"]:
-        p["time_per_token_vs_256"] = (p["seconds"]["median"] / p["length"]) / (first["seconds"]["median"] / first["length"])
-        p["memory_per_token_vs_256"] = (p["peak_extra_mib"] / p["length"]) / (first["peak_extra_mib"] / first["length"])
+    for p, t, m in zip(result["points"], times, memory):
+        p["time_per_token_vs_first"] = (t / p["length"]) / (times[0] / xs[0])
+        p["memory_per_token_vs_first"] = (m / p["length"]) / (memory[0] / xs[0])
     return result
 
 
 def to_markdown(result: dict) -> str:
     tf, mf = result["time_fit"], result["memory_fit"]
-    rows = [[p["length"], spread(p["seconds"]), f"{p['time_per_token_vs_256']:.2f}", f"{tf['rel_dev'][i]:+.0%}",
-             f"{p['peak_extra_mib']:.0f}", f"{p['memory_per_token_vs_256']:.2f}", f"{mf['rel_dev'][i]:+.0%}",
-             f"{p['peak_rss_mib']:.0f}"] for i, p in enumerate(result["points"])]
-    table = md_table(["response tokens", "step s", "s/token vs 256", "time vs line", "step peak MiB",
-                      "MiB/token vs 256", "memory vs line", "process peak RSS MiB"], rows)
-    t2, m2 = result["time_fit_to_2048"], result["memory_fit_to_2048"]
-    return (f"Growth: one G-OPD step (teacher + pi_old forwards, student forward+backward, optimizer), batch "
+    tq, mq = result["time_quadratic"], result["memory_quadratic"]
+    rows = [[p["length"], spread(p["seconds"]), f"{p['time_per_token_vs_first']:.2f}", f"{tf['rel_dev'][i]:+.0%}",
+             f"{tq['quadratic_share'][i]:.0%}", f"{p['peak_extra_mib']:.0f}", f"{p['memory_per_token_vs_first']:.2f}",
+             f"{mf['rel_dev'][i]:+.0%}", f"{mq['quadratic_share'][i]:.0%}", f"{p['peak_rss_mib']:.0f}"]
+            for i, p in enumerate(result["points"])]
+    table = md_table(["response tokens", "step s", "s/token vs first", "time vs line", "time: L^2 share",
+                      "step peak MiB", "MiB/token vs first", "memory vs line", "memory: L^2 share",
+                      "process peak RSS MiB"], rows)
+    return (f"Growth: one G-OPD step (teacher + pi_old forwards, student forward+backward, optimizer step), batch "
             f"{BATCH} x ({PROMPT} prompt + L response) tokens, {result['model']} ({result['params'] / 1e6:.2f}M "
-            f"params), fresh process per length. Linear fits over 256-4096: time R^2 {tf['r2']:.3f}, memory R^2 "
-            f"{mf['r2']:.3f}; over 256-2048: time R^2 {t2['r2']:.3f}, memory R^2 {m2['r2']:.3f}.\n\n{table}")
+            f"params), local layer spec, fp32, a fresh process per length. Linear fit: time R^2 {tf['r2']:.3f}, "
+            f"memory R^2 {mf['r2']:.3f}; quadratic fit: time R^2 {tq['r2']:.3f}, memory R^2 {mq['r2']:.3f} "
+            f"(\"L^2 share\": the quadratic term's part of the quadratic fit at that length).\n\n{table}")
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""Teacher scaling: teacher compute per step with 1, 2 and 4 domain teachers, routed against all-score.
+"""The teacher service: scaling with the number of domain teachers, and the streaming overlap.
+
+1. Teacher scaling: teacher compute per step with 1, 2 and 4 domain teachers, routed against all-score.
 
 One step = MICRO_BATCHES rollout micro-batches of ROWS samples (SEQ tokens each), whose domains are spread evenly
 over the K teachers. Both modes drive the real `FrozenScorer` (submit each micro-batch, then collect) with K
@@ -8,6 +10,11 @@ colocated `FrozenModel` teachers on a world-1 student layout:
 Reported per step: teacher forward seconds (submit + collect), micro-batch forward calls and samples scored
 (the FrozenModel counters), and t(K) / t(1). Rounds alternate the two modes and the teacher counts.
 Target: routed flat in K; all-score grows linearly.
+
+2. Streaming overlap (bench/dist/overlap.py, world 2: student rank 0 + one dedicated teacher rank 1): the step
+time of streaming (submit each rollout micro-batch at once, pi_old meanwhile, then collect) over the same work
+serialised (generate all, score all, then pi_old); the student is the tiny Llama, the teacher ~40x larger.
+Target: ratio < 0.9.
 
     python bench/bench_teachers.py [--quick]
 """
@@ -21,11 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import BENCH, checkpoints, describe, emit, md_table, num_params, run_script, spread, summary  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH, checkpoints, describe, emit, md_table, num_params, ratio_summary, run_script, spread, summary, torchrun,
+)
 
 MICRO_BATCHES, ROWS, SEQ = 2, 8, 128
 TEACHER_COUNTS = (1, 2, 4)
 FLAT_TOLERANCE = 1.25  # "flat": t(4) / t(1) at most this for the routed mode
+OVERLAP = dict(micro_batches=4, rows=16, new_tokens=64)
+OVERLAP_TARGET = 0.9
 
 
 def _worker(quick: bool) -> dict:
@@ -104,6 +115,37 @@ def to_markdown(result: dict) -> str:
             f"all-score {result['all_growth']:.2f}x. Target routed flat (<= {FLAT_TOLERANCE}x): {verdict}.\n\n{table}")
 
 
+def run_overlap(quick: bool) -> dict:
+    """Streaming / serialised step time over alternating rounds, with the serialised runs' components."""
+    root = checkpoints()
+    out = torchrun(BENCH / "dist" / "overlap.py", 2, "--ckpts", str(root), "--rounds", "3" if quick else "6",
+                   *[f"--{k.replace('_', '-')}={v}" for k, v in OVERLAP.items()])
+    stream, serial = out["runs"]["streaming"], out["runs"]["serialised"]
+    parts = {k: summary([r[k] for r in serial])["median"] for k in ("generate", "teacher", "pi_old")}
+    # perfect overlap: the teacher works during generation; only its last micro-batch (or pi_old) is left after it
+    ideal = parts["generate"] + max(parts["pi_old"], parts["teacher"] / OVERLAP["micro_batches"])
+    ratio = ratio_summary([r["total"] for r in stream], [r["total"] for r in serial])
+    return {**OVERLAP, "student": describe("tiny"), "student_params": num_params("tiny"),
+            "teacher": describe("teacher_big"), "teacher_params": num_params("teacher_big"),
+            "threads": out["threads"], "streaming_s": summary([r["total"] for r in stream]),
+            "serialised_s": summary([r["total"] for r in serial]), "components_s": parts, "ratio": ratio,
+            "ideal_ratio": ideal / sum(parts.values()), "meets_target": ratio["median"] < OVERLAP_TARGET}
+
+
+def overlap_markdown(result: dict) -> str:
+    c = result["components_s"]
+    table = md_table(["streaming s/step", "serialised s/step", "streaming / serialised", "perfect-overlap bound",
+                      "serialised parts: generate / teacher / pi_old s"],
+                     [[spread(result["streaming_s"]), spread(result["serialised_s"]), spread(result["ratio"], "{:.2f}"),
+                       f"{result['ideal_ratio']:.2f}", f"{c['generate']:.2f} / {c['teacher']:.2f} / {c['pi_old']:.2f}"]])
+    verdict = "ok" if result["meets_target"] else "MISSED"
+    return (f"Streaming overlap, world 2 (student rank 0, one dedicated teacher rank 1, {result['threads']} thread "
+            f"each): {result['micro_batches']} micro-batches x {result['rows']} samples x {result['new_tokens']} new "
+            f"tokens per step; student {result['student']} ({result['student_params'] / 1e6:.2f}M), teacher "
+            f"{result['teacher']} ({result['teacher_params'] / 1e6:.1f}M). Ratio per round (AB/BA). Target < "
+            f"{OVERLAP_TARGET}: {verdict}.\n\n{table}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -113,6 +155,8 @@ def main() -> None:
         emit(_worker(args.worker == "quick"))
         return
     print(to_markdown(run(args.quick)))
+    print()
+    print(overlap_markdown(run_overlap(args.quick)))
 
 
 if __name__ == "__main__":

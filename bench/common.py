@@ -175,6 +175,19 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict:
             "rel_dev": [(y - f) / y if y else 0.0 for y, f in zip(ys, fitted)]}
 
 
+def quadratic_share(xs: list[float], ys: list[float]) -> dict:
+    """Least-squares y = a + b x + c x^2; R^2, and the share c x^2 / y_fit of the quadratic term at each x."""
+    import numpy as np
+
+    c, b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 2)
+    fitted = [a + b * x + c * x * x for x in xs]
+    my = sum(ys) / len(ys)
+    ss_tot = sum((y - my) ** 2 for y in ys) or 1e-30
+    return {"a": float(a), "b": float(b), "c": float(c),
+            "r2": 1 - sum((y - f) ** 2 for y, f in zip(ys, fitted)) / ss_tot,
+            "quadratic_share": [float(c * x * x / f) if f else 0.0 for x, f in zip(xs, fitted)]}
+
+
 # ---- memory probes (Linux) -----------------------------------------------------------------------------------
 def proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:

@@ -43,7 +43,7 @@ class TeacherConfig:
     path: str = MISSING
     domains: list[str] = field(default_factory=list)
     placement: str = "colocated"  # colocated (student's ranks) | dedicated (ranks of its own) | sglang (a server)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # dedicated only; colocated = the student's
     dp: int = 1  # replicas, for dedicated teachers
     dtype: str = "fp32"
     url: Optional[str] = None  # placement sglang: the server's base URL; `path` is then a HF dir (tokenizer)
@@ -288,10 +288,17 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
         _require(d.default_teacher in names, "data.default_teacher", f"{d.default_teacher!r} is not a teacher {names}")
     if a.name == "gopd":
         _require(bool(config.teachers), "teachers", "G-OPD needs at least one teacher")
+    if a.loss == "full_vocab":  # the teachers' logits must sit on the student's own vocabulary shards
+        _require(a.name == "gopd", "algo.loss", "full_vocab is a G-OPD loss")
+        _require(config.student.parallel.pp == 1, "algo.loss", "full_vocab needs student.parallel.pp == 1")
+        for key, section in frozen_sections:
+            _require(section.placement == "colocated", f"{key}.placement", "algo.loss=full_vocab needs colocated models")
 
     # Models: paths, architectures, and TP/PP against the heads.
+    # A colocated model shares the student's groups, so it takes the student's TP x PP whatever its own says.
     models = [("student", config.student.path, config.student.parallel)] + [
-        (key, section.path or config.student.path, section.parallel)
+        (key, section.path or config.student.path,
+         section.parallel if section.placement == "dedicated" else config.student.parallel)
         for key, section in frozen_sections if section.placement != "sglang"
     ]
     if check_paths:
@@ -316,12 +323,7 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
 
     # Placement and world size.
     student = config.student.parallel
-    frozen = [(key, c.placement, c.parallel, c.dp) for key, c in frozen_sections]
-    dedicated = sum(p.tp * p.pp * dp for _, placement, p, dp in frozen if placement == "dedicated")
-    for key, placement, parallel, dp in frozen:
-        if placement == "colocated":
-            _require((parallel.tp, parallel.pp) == (student.tp, student.pp), f"{key}.parallel",
-                     f"a colocated model shares the student's groups and needs its tp={student.tp}, pp={student.pp}")
+    dedicated = sum(c.parallel.tp * c.parallel.pp * c.dp for _, c in frozen_sections if c.placement == "dedicated")
     if world_size is not None:
         student_ranks = world_size - dedicated
         per_replica = student.tp * student.pp

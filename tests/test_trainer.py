@@ -155,3 +155,14 @@ def test_world_size_is_checked_against_the_roles(tiny_checkpoints, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2"})
     assert result.returncode != 0
     assert "config error: student.parallel: world size 2 minus 2 dedicated" in result.stderr
+
+
+def test_full_vocab_loss_trains_at_tp2(tiny_checkpoints, tmp_path):
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, eval__interval=0,
+                       student={"path": str(tiny_checkpoints / "student"), "parallel": {"tp": 2}})
+    result = launch(config, "algo.loss=full_vocab")
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(tmp_path / "run")
+    # the exact KL to softmax(lam z_T + (1 - lam) z_ref) is positive and falls as the student moves toward it
+    assert 0 < m[2]["actor/full_vocab_kl"] < m[1]["actor/full_vocab_kl"]
+    assert m[1]["grad_norm"] > 0
