@@ -158,3 +158,18 @@ def test_unknown_domain_is_an_error_before_training(tiny_checkpoints, tmp_path):
     assert result.returncode != 0
     assert "poetry" in result.stderr and "code" in result.stderr and "math" in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tiny_checkpoints, tmp_path):
+    config = dedicated_run(tmp_path, tiny_checkpoints, train__steps=40, checkpoint__interval=100)
+    run_dir = tmp_path / "run"
+    proc = launch(config, nproc=3, wait=False)
+    wait_for_step(run_dir, 2, proc)
+    for child in psutil.Process(proc.pid).children(recursive=True):  # as a scheduler's preemption would
+        if "megatron_gopd.train" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    logged = max(metrics(run_dir))
+    assert 2 <= logged < 40
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{logged:08d}"
