@@ -174,6 +174,8 @@ def main() -> None:
     args = parser.parse_args()
     sections = list(args.only or CPU_SECTIONS) + (["gpu"] if args.gpu and not args.only else [])
 
+    if THREADS is not None:  # bench_logprobs' workers too: every worker process of the suite gets the same setting
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
     start = time.perf_counter()
     report = {"quick": args.quick, "machine": machine(), "threads_per_worker": THREADS or "default",
               "results": {}, "seconds": {}, "errors": {}}

@@ -81,6 +81,7 @@ class RolloutConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     samples_per_prompt: int = 1
+    chunk_size: int = 16  # rows per generate call; each finished chunk streams to the teachers at once
     sync_bucket_mb: int = 512
     sglang_mem_fraction: float = 0.5
 
@@ -249,6 +250,7 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
     _require(a.updates_per_batch >= 1, "algo.updates_per_batch", "must be >= 1")
     _choice(r.engine, "rollout.engine", ("hf", "sglang"))
     _require(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+    _require(r.chunk_size >= 1, "rollout.chunk_size", "must be >= 1")
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
     _choice(d.on_bad_row, "data.on_bad_row", ("skip", "error"))
     _require(t.steps >= 1, "train.steps", "must be >= 1")

@@ -7,7 +7,6 @@ import dataclasses
 import signal
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,6 +35,7 @@ class Trainer:
     def __init__(self, run: Run):
         self.run_, self.cfg = run, run.config
         self.stop_requested = False
+        self.consecutive_skips = run.trainer_state.get("consecutive_skips", 0)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def run(self) -> None:
@@ -73,19 +73,22 @@ class Trainer:
     def rollout(self, step: int) -> StepData:
         r, cfg = self.run_, self.cfg
         items = [item for item in r.dataset.take(r.sampler.next_indices()) for _ in range(cfg.rollout.samples_per_prompt)]
+        mbs = cfg.train.micro_batch_size
+        chunk_rows = max(mbs, cfg.rollout.chunk_size // mbs * mbs)  # rows per generate call, whole micro-batches
         micro_batches, responses = [], []
-        for index in range(0, len(items), cfg.train.micro_batch_size):
-            chunk = items[index:index + cfg.train.micro_batch_size]
-            # a seed per (run, step, replica, micro-batch) makes a resumed run draw the very same samples
-            seed = zlib.crc32(f"{cfg.train.seed}/{step}/{r.dp_rank}/{index}".encode())
+        for start in range(0, len(items), chunk_rows):
+            chunk = items[start:start + chunk_rows]
             if cfg.algo.name == "sft":  # off-policy: the dataset holds the (teacher's) responses
                 samples = [r.dataset_sample(item) for item in chunk]
-            else:
+            else:  # a seed per (run, step, replica, chunk): a resumed run draws the very same samples
+                seed = zlib.crc32(f"{cfg.train.seed}/{step}/{r.dp_rank}/{start}".encode())
                 samples = r.rollout.generate([i.prompt_ids for i in chunk], dataclasses.replace(r.sampling, seed=seed))
-            batch = samples_to_batch(samples, max(len(s.prompt_ids) + len(s.response_ids) for s in samples), r.pad_id)
-            r.scorer.submit(batch["tokens"], [r.frozen_owners(item) for item in chunk],
-                            [len(s.prompt_ids) + len(s.response_ids) for s in samples])
-            micro_batches.append(batch)
+            for first in range(0, len(samples), mbs):
+                part, owners = samples[first:first + mbs], chunk[first:first + mbs]
+                lengths = [len(s.prompt_ids) + len(s.response_ids) for s in part]
+                batch = samples_to_batch(part, max(lengths), r.pad_id)
+                r.scorer.submit(batch["tokens"], [r.frozen_owners(item) for item in owners], lengths)
+                micro_batches.append(batch)
             responses += [s.response_ids for s in samples]
         seq = max(mb["tokens"].shape[1] for mb in micro_batches)  # one shape for megatron's schedule
         micro_batches = [{k: torch.nn.functional.pad(v, (0, seq - v.shape[1])) for k, v in mb.items()}
@@ -212,7 +215,7 @@ class Trainer:
         return metrics
 
     def _skip(self, why: str) -> dict[str, float]:
-        self.consecutive_skips = getattr(self, "consecutive_skips", 0) + 1
+        self.consecutive_skips += 1
         self.run_.logger.write(f"skipping the update: {why} ({self.consecutive_skips} in a row)")
         if self.consecutive_skips > self.cfg.faults.max_consecutive_skips:
             raise RuntimeError(f"{self.consecutive_skips} consecutive steps were skipped (last: {why}); stopping. "
@@ -236,7 +239,7 @@ class Trainer:
             r.checkpoint_root, step, r.student, keep_last=self.cfg.checkpoint.keep_last, group=r.student_world,
             hf_dir=r.student_hf_dir,
             trainer_state={"step": step, "sampler": r.sampler.state_dict(),
-                           "consecutive_skips": getattr(self, "consecutive_skips", 0)},
+                           "consecutive_skips": self.consecutive_skips},
         )
 
     def _on_sigterm(self, signum, frame) -> None:
