@@ -5,11 +5,12 @@ tokens plus L response tokens: the teacher's forward (a tiny teacher) and the st
 advantages (lambda = 1), then the student's forward + backward with the G-OPD policy loss and the optimizer step
 (TrainableModel.train_step, megatron's schedule and optimizer).
 
-Each length runs in a FRESH process (forked from a parent that has only imported the libraries), after one warm-up
-step that allocates the optimizer state. Peak memory = the resident-set high-water mark (VmHWM, reset through
-/proc/self/clear_refs right before the measured steps) minus the resident set before them: what the step adds on
-top of the resident models and optimizer. Lines are fitted to time and memory against L; R^2 and each point's
-deviation from the line say where growth is not linear.
+Each length runs in a FRESH process (forked from a parent that has only imported the libraries), after a short
+warm-up step (64 tokens: the optimizer state, the code paths) and, in full mode, one at full length. Peak memory =
+the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs right before the measured steps) minus
+the resident set before them: what the step adds on top of the resident models and optimizer. A line and a
+quadratic are fitted to time and memory against L; R^2, each point's deviation from the line and the quadratic
+term's share say where growth is not linear.
 
     python bench/bench_growth.py [--quick]
 """
@@ -18,18 +19,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
     BENCH, describe, emit, linear_fit, md_table, num_params, proc_status_kib, quadratic_share, reset_peak_rss,
-    run_script, spread, summary, write_hf_config_dir,
+    run_script, spread, summary, timed, write_hf_config_dir,
 )
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
-BATCH, PROMPT = 2, 16
+BATCH, PROMPT = 1, 16
 MAX_POSITIONS = 4352  # room for PROMPT + 4096
 
 
@@ -55,7 +55,8 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
         cfg = PolicyLossConfig(aggregation="token-mean")
 
         def step(response: int) -> None:
-            tokens = torch.randint(3, 250, (BATCH, PROMPT + response), generator=torch.Generator().manual_seed(response))
+            g = torch.Generator().manual_seed(response)
+            tokens = torch.randint(3, 250, (BATCH, PROMPT + response), generator=g)
             mask = torch.zeros(BATCH, PROMPT + response)
             mask[:, PROMPT:] = 1.0
             mb = {"tokens": tokens, "loss_mask": mask}
@@ -75,12 +76,8 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
         if steps > 1:
             step(length)  # and at full length: megatron's attention buffer for this length
         base_kib = reset_peak_rss()
-        seconds = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            step(length)
-            seconds.append(time.perf_counter() - start)
-        conn.send({"length": length, "seconds": seconds,
+        clocks = [timed(step, length) for _ in range(steps)]
+        conn.send({"length": length, "cpu": [c["cpu"] for c in clocks], "wall": [c["wall"] for c in clocks],
                    "peak_extra_mib": (proc_status_kib("VmHWM") - base_kib) / 1024,
                    "peak_rss_mib": proc_status_kib("VmHWM") / 1024})
     except BaseException as e:  # the parent reports it
@@ -119,8 +116,8 @@ def run(quick: bool) -> dict:
     result = run_script(BENCH / "bench_growth.py", "--worker", "quick" if quick else "full")
     xs = [p["length"] for p in result["points"]]
     for p in result["points"]:
-        p["seconds"] = summary(p["seconds"])
-    times = [p["seconds"]["median"] for p in result["points"]]
+        p["cpu"], p["wall"] = summary(p["cpu"]), summary(p["wall"])
+    times = [p["cpu"]["median"] for p in result["points"]]
     memory = [p["peak_extra_mib"] for p in result["points"]]
     result["time_fit"], result["memory_fit"] = linear_fit(xs, times), linear_fit(xs, memory)
     result["time_quadratic"], result["memory_quadratic"] = quadratic_share(xs, times), quadratic_share(xs, memory)
@@ -134,18 +131,18 @@ def run(quick: bool) -> dict:
 def to_markdown(result: dict) -> str:
     tf, mf = result["time_fit"], result["memory_fit"]
     tq, mq = result["time_quadratic"], result["memory_quadratic"]
-    rows = [[p["length"], spread(p["seconds"]), f"{p['time_per_token_vs_first']:.2f}", f"{tf['rel_dev'][i]:+.0%}",
-             f"{tq['quadratic_share'][i]:.0%}", f"{p['peak_extra_mib']:.0f}", f"{p['memory_per_token_vs_first']:.2f}",
-             f"{mf['rel_dev'][i]:+.0%}", f"{mq['quadratic_share'][i]:.0%}", f"{p['peak_rss_mib']:.0f}"]
-            for i, p in enumerate(result["points"])]
-    table = md_table(["response tokens", "step s", "s/token vs first", "time vs line", "time: L^2 share",
-                      "step peak MiB", "MiB/token vs first", "memory vs line", "memory: L^2 share",
-                      "process peak RSS MiB"], rows)
+    rows = [[p["length"], spread(p["cpu"]), f"{p['wall']['median']:.3g}", f"{p['time_per_token_vs_first']:.2f}",
+             f"{tf['rel_dev'][i]:+.0%}", f"{p['peak_extra_mib']:.0f}", f"{p['memory_per_token_vs_first']:.2f}",
+             f"{mf['rel_dev'][i]:+.0%}", f"{p['peak_rss_mib']:.0f}"] for i, p in enumerate(result["points"])]
+    table = md_table(["response tokens", "step CPU s", "wall s", "s/token vs first", "time vs line", "step peak MiB",
+                      "MiB/token vs first", "memory vs line", "process peak RSS MiB"], rows)
     return (f"Growth: one G-OPD step (teacher + pi_old forwards, student forward+backward, optimizer step), batch "
             f"{BATCH} x ({PROMPT} prompt + L response) tokens, {result['model']} ({result['params'] / 1e6:.2f}M "
-            f"params), local layer spec, fp32, a fresh process per length. Linear fit: time R^2 {tf['r2']:.3f}, "
-            f"memory R^2 {mf['r2']:.3f}; quadratic fit: time R^2 {tq['r2']:.3f}, memory R^2 {mq['r2']:.3f} "
-            f"(\"L^2 share\": the quadratic term's part of the quadratic fit at that length).\n\n{table}")
+            f"params), local layer spec, fp32, one thread, a fresh process per length; time = the process's CPU "
+            f"seconds per step (wall beside it), memory = the step's peak RSS above the resident models. Linear fit "
+            f"over all lengths: time R^2 {tf['r2']:.3f}, memory R^2 {mf['r2']:.3f}; a quadratic fits time with R^2 "
+            f"{tq['r2']:.3f}, memory with R^2 {mq['r2']:.3f}. \"per token vs first\" is 1.0 where growth is linear."
+            f"\n\n{table}")
 
 
 def main() -> None:

@@ -4,10 +4,12 @@ Generation: batch 16, exactly 128 new tokens (the tokenizer's EOS lies outside t
 engine gets no stop ids), temperature 1, no top-k/top-p, on the tiny Llama, fp32. Both sides return the sampled
 tokens AND their log-probs (generate with output_scores + compute_transition_scores), which is what a rollout
 needs; plain generate (tokens only) is timed too. Calls alternate (ABC, BCA, CAB, ...) after one warm-up call each;
-the ratio is taken per round, so a noisy neighbour slows both sides of a ratio alike.
+the ratio is taken per round. Time is the process's CPU seconds per call (one thread: on an idle machine it equals
+the wall time, on a shared one it leaves out the waits for a core); the wall-clock ratio is reported beside it.
 
-The generation rows run twice: first in a clean process, then with megatron_gopd's CPU compatibility layer active
-(its process-wide TorchFunctionMode, which every training process on CPU has), which shows what that layer costs.
+The generation runs twice: first in a clean process, then (engine and generate+logprobs) with megatron_gopd's CPU
+compatibility layer active (its process-wide TorchFunctionMode, which every training process on CPU has), which
+shows what that layer costs our engine inside the trainer.
 
 Weight sync: `ColocatedRollout.sync_weights()` (the streaming exporter -> the engine's parameters, one 512 MiB
 bucket bound) on a world-1 Megatron student, in seconds per sync and GB/s of exported weights.
@@ -25,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    BENCH, checkpoints, describe, emit, md_table, num_params, ratio_summary, run_script, spread, summary,
+    BENCH, checkpoints, describe, emit, md_table, num_params, ratio_summary, run_script, spread, summary, timed,
     write_hf_config_dir,
 )
 
@@ -36,7 +38,7 @@ SYNC_SIZES = {
     "tiny": None,  # the converted tiny student checkpoint
     "llama-56M": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                       intermediate_size=1408, vocab_size=32000),
-    "llama-0.4B": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+    "llama-0.25B": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
                        intermediate_size=2816, vocab_size=32000),
 }
 QUICK_SYNC = ("tiny", "llama-56M")
@@ -49,7 +51,7 @@ def _prompts(n: int) -> list[list[int]]:
     return [[1] + torch.randint(5, 250, (4 + i % 9,), generator=g).tolist() for i in range(n)]
 
 
-def _generation_rounds(engine, model, prompts, rounds: int) -> dict:
+def _generation_rounds(engine, model, prompts, rounds: int, which: tuple[str, ...]) -> dict:
     import dataclasses
 
     import torch
@@ -80,21 +82,21 @@ def _generation_rounds(engine, model, prompts, rounds: int) -> dict:
 
     methods = {"engine": engine_call, "generate+logprobs": lambda s: generate_call(s, True),
                "generate": lambda s: generate_call(s, False)}
-    names = list(methods)
-    for fn in methods.values():  # warm-up
-        fn(0)
-    seconds = {name: [] for name in names}
+    names = [n for n in methods if n in which]
+    for name in names:  # warm-up
+        methods[name](0)
+    runs = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % 3:] + names[:r % 3]:
-            start = time.perf_counter()
-            methods[name](r + 1)
-            seconds[name].append(time.perf_counter() - start)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(timed(methods[name], r + 1))
     tokens = len(prompts) * NEW_TOKENS
-    return {
-        "tokens_per_s": {n: summary([tokens / s for s in seconds[n]]) for n in names},
-        "ratio_vs_generate_logprobs": ratio_summary(seconds["generate+logprobs"], seconds["engine"]),
-        "ratio_vs_generate": ratio_summary(seconds["generate"], seconds["engine"]),
-    }
+    out = {clock: {"tokens_per_s": {n: summary([tokens / x[clock] for x in runs[n]]) for n in names}}
+           for clock in ("cpu", "wall")}
+    for clock in out:
+        for base in names[1:]:
+            out[clock][f"ratio_vs_{base}"] = ratio_summary([x[clock] for x in runs[base]],
+                                                           [x[clock] for x in runs["engine"]])
+    return out
 
 
 def _sync(name: str, root: Path, tmp: Path, reps: int) -> dict:
@@ -148,11 +150,11 @@ def _worker(quick: bool) -> dict:
     engine = HFRolloutEngine.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     prompts = _prompts(BATCH)
-    rounds = 4 if quick else 8
+    all_methods = ("engine", "generate+logprobs", "generate")
     result = {"model": describe("tiny"), "params": num_params("tiny"), "threads": torch.get_num_threads(),
-              "clean": _generation_rounds(engine, model, prompts, rounds)}
+              "clean": _generation_rounds(engine, model, prompts, 6 if quick else 12, all_methods)}
     init_distributed()  # applies the CPU compatibility layer, as in every training process
-    result["with_cpu_compat"] = _generation_rounds(engine, model, prompts, rounds)
+    result["with_cpu_compat"] = _generation_rounds(engine, model, prompts, 4 if quick else 8, all_methods[:2])
     with tempfile.TemporaryDirectory() as tmp:
         result["sync"] = [_sync(name, root, Path(tmp), 3 if quick else 5)
                           for name in (QUICK_SYNC if quick else SYNC_SIZES)]
@@ -162,7 +164,7 @@ def _worker(quick: bool) -> dict:
 def run(quick: bool) -> dict:
     """Generation throughput of both methods (clean process and under the CPU compat layer) and sync costs."""
     result = run_script(BENCH / "bench_rollout.py", "--worker", "quick" if quick else "full")
-    ratio = result["clean"]["ratio_vs_generate_logprobs"]["median"]
+    ratio = result["clean"]["cpu"]["ratio_vs_generate+logprobs"]["median"]
     result["meets_target"] = ratio >= TARGET
     return result
 
@@ -170,21 +172,25 @@ def run(quick: bool) -> dict:
 def to_markdown(result: dict) -> str:
     rows = []
     for label, key in (("clean process", "clean"), ("CPU compat layer on", "with_cpu_compat")):
-        g = result[key]
-        rows.append([label, spread(g["tokens_per_s"]["engine"], "{:.0f}"),
-                     spread(g["tokens_per_s"]["generate+logprobs"], "{:.0f}"),
-                     spread(g["tokens_per_s"]["generate"], "{:.0f}"),
-                     spread(g["ratio_vs_generate_logprobs"], "{:.2f}"), spread(g["ratio_vs_generate"], "{:.2f}")])
+        cpu, wall = result[key]["cpu"], result[key]["wall"]
+        tps = cpu["tokens_per_s"]
+        rows.append([label] + [spread(tps[n], "{:.0f}") if n in tps else "-"
+                               for n in ("engine", "generate+logprobs", "generate")]
+                    + [spread(cpu["ratio_vs_generate+logprobs"], "{:.2f}"),
+                       spread(cpu["ratio_vs_generate"], "{:.2f}") if "ratio_vs_generate" in cpu else "-",
+                       spread(wall["ratio_vs_generate+logprobs"], "{:.2f}")])
     gen = md_table(["process", "engine tok/s", "generate+logprobs tok/s", "generate tok/s",
-                    "engine / generate+logprobs", "engine / generate"], rows)
-    sync = md_table(["student", "params", "MB exported", "sync s/step", "GB/s"], [
+                    "engine / generate+logprobs", "engine / generate", "same, wall clock"], rows)
+    sync = md_table(["student", "params", "MB exported", "sync s/step (wall)", "GB/s"], [
         [s["model"], f"{s['params'] / 1e6:.2f}M", f"{s['bytes'] / 1e6:.1f}", spread(s["seconds"], "{:.4f}"),
          f"{s['gb_per_s']:.2f}"] for s in result["sync"]])
     verdict = "ok" if result["meets_target"] else "MISSED"
-    return (f"Rollout, batch {BATCH} x {NEW_TOKENS} new tokens, {result['model']} ({result['params'] / 1e6:.2f}M "
-            f"params), fp32, {result['threads']} threads. Ratios are engine tok/s over the baseline's, per round "
-            f"(median (min-max, n)). Target engine >= {TARGET}x generate+logprobs (clean process): {verdict}.\n\n"
-            f"{gen}\n\nWeight sync (ColocatedRollout.sync_weights, world 1, fp32):\n\n{sync}")
+    return (f"Rollout, batch {BATCH} x exactly {NEW_TOKENS} new tokens, {result['model']} "
+            f"({result['params'] / 1e6:.2f}M params), fp32, {result['threads']} thread. Tokens/s and ratios from "
+            f"the process's CPU seconds per call (wall-clock ratio in the last column); ratios are engine tok/s over "
+            f"the baseline's, per round: median (min-max, n). Target engine >= {TARGET}x generate+logprobs in a "
+            f"clean process: {verdict}.\n\n{gen}\n\nWeight sync (ColocatedRollout.sync_weights, world 1, fp32, "
+            f"one 512 MiB bucket bound):\n\n{sync}")
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ over the K teachers. Both modes drive the real `FrozenScorer` (submit each micro
 colocated `FrozenModel` teachers on a world-1 student layout:
 - routed (ours): owners = [[teacher of the row's domain]]: each sample is scored once, by its own teacher;
 - all-score (the paper's reference code): owners = [[every teacher]]: every teacher scores every sample.
-Reported per step: teacher forward seconds (submit + collect), micro-batch forward calls and samples scored
-(the FrozenModel counters), and t(K) / t(1). Rounds alternate the two modes and the teacher counts.
+Reported per step: teacher seconds (submit + collect; the process's CPU seconds, one thread, with the wall time
+beside them), micro-batch forward calls and samples scored (the FrozenModel counters), and t(K) / t(1). Rounds
+alternate the two modes and the teacher counts.
 Target: routed flat in K; all-score grows linearly.
 
 2. Streaming overlap (bench/dist/overlap.py, world 2: student rank 0 + one dedicated teacher rank 1): the step
@@ -23,16 +24,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    BENCH, checkpoints, describe, emit, md_table, num_params, ratio_summary, run_script, spread, summary, torchrun,
+    BENCH, checkpoints, describe, emit, md_table, num_params, ratio_summary, run_script, spread, summary, timed,
+    torchrun,
 )
 
-MICRO_BATCHES, ROWS, SEQ = 2, 8, 128
+MICRO_BATCHES, ROWS, SEQ = 2, 8, 96
 TEACHER_COUNTS = (1, 2, 4)
 FLAT_TOLERANCE = 1.25  # "flat": t(4) / t(1) at most this for the routed mode
 OVERLAP = dict(micro_batches=4, rows=16, new_tokens=64)
@@ -60,15 +61,18 @@ def _worker(quick: bool) -> dict:
         teachers = names[:k]
         scorer = FrozenScorer(layout, {n: models[n] for n in teachers}, temperature=1.0, timeout_s=600)
         before = {n: (models[n].forward_calls, models[n].samples_scored) for n in teachers}
-        start = time.perf_counter()
-        for j, tokens in enumerate(batches):
-            domains = [(j * ROWS + i) % k for i in range(ROWS)]  # an even spread of domains over the teachers
-            owners = [[teachers[d]] for d in domains] if mode == "routed" else [teachers] * ROWS
-            scorer.submit(tokens, owners)
-        scores = scorer.collect()
-        seconds = time.perf_counter() - start
+        scores = {}
+
+        def score() -> None:
+            for j, tokens in enumerate(batches):
+                domains = [(j * ROWS + i) % k for i in range(ROWS)]  # an even spread of domains over the teachers
+                owners = [[teachers[d]] for d in domains] if mode == "routed" else [teachers] * ROWS
+                scorer.submit(tokens, owners)
+            scores.update(scorer.collect())
+
+        clocks = timed(score)
         assert all(len(scores[n]) == MICRO_BATCHES for n in teachers)
-        return {"seconds": seconds,
+        return {**clocks,
                 "forward_calls": sum(models[n].forward_calls - before[n][0] for n in teachers),
                 "samples_scored": sum(models[n].samples_scored - before[n][1] for n in teachers)}
 
@@ -76,16 +80,17 @@ def _worker(quick: bool) -> dict:
     for k in TEACHER_COUNTS:  # warm-up: every teacher's first forward
         step(k, "all")
     runs = {(k, m): [] for k in TEACHER_COUNTS for m in modes}
-    for r in range(3 if quick else 6):
+    for r in range(5 if quick else 10):
         order = [(k, m) for k in TEACHER_COUNTS for m in (modes if r % 2 == 0 else modes[::-1])]
         for k, m in order if r % 2 == 0 else order[::-1]:
             runs[(k, m)].append(step(k, m))
     rows = []
     for m in modes:
-        base = summary([x["seconds"] for x in runs[(1, m)]])["median"]
+        base = summary([x["cpu"] for x in runs[(1, m)]])["median"]
         for k in TEACHER_COUNTS:
-            s = summary([x["seconds"] for x in runs[(k, m)]])
-            rows.append({"mode": m, "teachers": k, "seconds": s, "vs_one_teacher": s["median"] / base,
+            cpu = summary([x["cpu"] for x in runs[(k, m)]])
+            rows.append({"mode": m, "teachers": k, "cpu_s": cpu, "wall_s": summary([x["wall"] for x in runs[(k, m)]]),
+                         "vs_one_teacher": cpu["median"] / base,
                          "forward_calls": runs[(k, m)][0]["forward_calls"],
                          "samples_scored": runs[(k, m)][0]["samples_scored"]})
     return {"teacher": describe("teacher_big"), "teacher_params": num_params("teacher_big"),
@@ -103,22 +108,23 @@ def run(quick: bool) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    rows = [[r["mode"], r["teachers"], spread(r["seconds"]), f"{r['vs_one_teacher']:.2f}x", r["forward_calls"],
-             r["samples_scored"]] for r in result["rows"]]
-    table = md_table(["mode", "teachers", "teacher s/step", "vs 1 teacher", "micro-batch forwards/step",
-                      "samples scored/step"], rows)
+    rows = [[r["mode"], r["teachers"], spread(r["cpu_s"]), f"{r['vs_one_teacher']:.2f}x", spread(r["wall_s"]),
+             r["forward_calls"], r["samples_scored"]] for r in result["rows"]]
+    table = md_table(["mode", "teachers", "teacher CPU s/step", "vs 1 teacher", "wall s/step",
+                      "micro-batch forwards/step", "samples scored/step"], rows)
     verdict = "ok" if result["meets_target"] else "MISSED"
     top = max(TEACHER_COUNTS)
     return (f"Teacher scaling: {MICRO_BATCHES} micro-batches x {ROWS} samples x {SEQ} tokens per step, domains "
             f"spread evenly; teachers {result['teacher']} ({result['teacher_params'] / 1e6:.1f}M params), "
-            f"colocated, world 1. With {top} teachers routed costs {result['routed_growth']:.2f}x one teacher, "
+            f"colocated, world 1, one thread; teacher time = the process's CPU seconds for submit + collect (wall "
+            f"beside it). With {top} teachers routed costs {result['routed_growth']:.2f}x one teacher, "
             f"all-score {result['all_growth']:.2f}x. Target routed flat (<= {FLAT_TOLERANCE}x): {verdict}.\n\n{table}")
 
 
 def run_overlap(quick: bool) -> dict:
     """Streaming / serialised step time over alternating rounds, with the serialised runs' components."""
     root = checkpoints()
-    out = torchrun(BENCH / "dist" / "overlap.py", 2, "--ckpts", str(root), "--rounds", "3" if quick else "6",
+    out = torchrun(BENCH / "dist" / "overlap.py", 2, "--ckpts", str(root), "--rounds", "4" if quick else "8",
                    *[f"--{k.replace('_', '-')}={v}" for k, v in OVERLAP.items()])
     stream, serial = out["runs"]["streaming"], out["runs"]["serialised"]
     parts = {k: summary([r[k] for r in serial])["median"] for k in ("generate", "teacher", "pi_old")}
@@ -137,7 +143,8 @@ def overlap_markdown(result: dict) -> str:
     table = md_table(["streaming s/step", "serialised s/step", "streaming / serialised", "perfect-overlap bound",
                       "serialised parts: generate / teacher / pi_old s"],
                      [[spread(result["streaming_s"]), spread(result["serialised_s"]), spread(result["ratio"], "{:.2f}"),
-                       f"{result['ideal_ratio']:.2f}", f"{c['generate']:.2f} / {c['teacher']:.2f} / {c['pi_old']:.2f}"]])
+                       f"{result['ideal_ratio']:.2f}",
+                       f"{c['generate']:.2f} / {c['teacher']:.2f} / {c['pi_old']:.2f}"]])
     verdict = "ok" if result["meets_target"] else "MISSED"
     return (f"Streaming overlap, world 2 (student rank 0, one dedicated teacher rank 1, {result['threads']} thread "
             f"each): {result['micro_batches']} micro-batches x {result['rows']} samples x {result['new_tokens']} new "

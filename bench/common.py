@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +107,8 @@ def checkpoints() -> Path:
 # ---- worker processes ----------------------------------------------------------------------------------------
 # One intra-op thread per worker process, on both sides of every comparison. On this suite's shared 2-core CPU
 # machines, two OpenMP threads that spin-wait for a core another process holds made tiny-model steps 10-30x slower
-# and erratic (measured: 16 x 128 tokens took 7-35 CPU-s with 2 threads, 0.7-1.0 with 1). On a GPU box the
-# workers inherit the caller's setting (THREADS = None).
+# and erratic (measured: 16 x 128 tokens took 7-35 CPU-s with 2 threads, 0.7-1.0 with 1). BENCH_THREADS=N sets
+# another count; BENCH_THREADS=default leaves torch's own choice (a dedicated machine).
 THREADS = None if os.environ.get("BENCH_THREADS") == "default" else int(os.environ.get("BENCH_THREADS", "1"))
 
 
@@ -137,13 +138,25 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: float = 1800, thread
                str(script), "--out", str(out), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(threads), cwd=ROOT)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-6000:]}")
         return json.loads(out.read_text())
 
 
 def emit(result: dict) -> None:
     """A worker's answer: one JSON line, last on stdout."""
     print(json.dumps(result), flush=True)
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+def timed(fn, *args, **kwargs) -> dict:
+    """Runs fn once; its wall seconds and the CPU seconds of this process (all threads, user + system).
+
+    Each worker does its work on one thread, so on an idle machine the two agree; on a shared, oversubscribed one
+    the CPU seconds still count only this process's work, while wall time also counts the waits for a core."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args, **kwargs)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
 # ---- statistics ----------------------------------------------------------------------------------------------

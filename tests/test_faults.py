@@ -74,7 +74,7 @@ def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, unin
         assert "megatron_gopd.train" not in " ".join(p.cmdline())
 
     latest = int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[-1])
-    assert latest >= 2
+    assert latest >= 1  # the kill may land while step 2 is being saved
     resumed = launch(config, "--resume", "auto", nproc=3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got, want = metrics(run_dir), uninterrupted

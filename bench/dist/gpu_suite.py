@@ -119,7 +119,8 @@ def rollout_and_sync(hf_dir: Path, layout, batch: int, new_tokens: int, rounds: 
 
     dims = ModelDims.from_hf(hf_dir)
     gpt = build_model(dims, layout.student.pgc, dtype=torch.bfloat16)
-    engine = HFRolloutEngine(str(hf_dir), dtype=torch.bfloat16, device=torch.device("cuda", torch.cuda.current_device()))
+    device = torch.device("cuda", torch.cuda.current_device())
+    engine = HFRolloutEngine(str(hf_dir), dtype=torch.bfloat16, device=device)
     rollout = ColocatedRollout(engine, gpt, dims, bucket_bytes=512 << 20)
     stats = ExportStats()
     for _ in export_hf_weights(gpt, dims, bucket_bytes=512 << 20, stats=stats):
