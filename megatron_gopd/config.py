@@ -17,7 +17,6 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
-
 class ConfigError(ValueError):
     """A bad config value; the message starts with the dotted key."""
 

@@ -16,12 +16,12 @@ from megatron_gopd.algo.gopd import merge_metrics, reduce_metrics
 from megatron_gopd.algo.logprobs import full_vocab_gopd_kl
 from megatron_gopd.config import RunConfig, save_resolved
 from megatron_gopd.data.prompts import PromptItem, PromptSampler, load_prompts
+from megatron_gopd.eval.harness import reference_of, verifier_kind
+from megatron_gopd.eval.verifiers import verify_batch
 from megatron_gopd.logger import RunLogger
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import DTYPES, build_model
 from megatron_gopd.models.parallel_model import TrainableModel
-from megatron_gopd.eval.harness import reference_of, verifier_kind
-from megatron_gopd.eval.verifiers import verify_batch
 from megatron_gopd.rollout.base import Sample, SamplingParams
 from megatron_gopd.rollout.colocated import ColocatedRollout
 from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout

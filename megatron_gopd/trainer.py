@@ -13,7 +13,14 @@ import torch.distributed as dist
 
 from megatron_gopd import checkpoint
 from megatron_gopd.algo.gopd import (
-    PolicyLossConfig, Stat, aggregate_loss, gopd_advantages, gopd_metrics, loss_denominator, merge_metrics, policy_loss,
+    PolicyLossConfig,
+    Stat,
+    aggregate_loss,
+    gopd_advantages,
+    gopd_metrics,
+    loss_denominator,
+    merge_metrics,
+    policy_loss,
     reduce_metrics,
 )
 from megatron_gopd.data.prompts import PromptItem

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
 from megatron_gopd.algo import (
     PolicyLossConfig,
     Stat,
@@ -21,6 +20,7 @@ from megatron_gopd.algo import (
     reduce_metrics,
     token_logprobs_and_entropy,
 )
+from tests.conftest import run_torchrun
 
 # ---------------------------------------------------------------------------------------------------------------
 # Theory: a single-step bandit with K actions and a softmax policy, exact expectations.

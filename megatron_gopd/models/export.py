@@ -15,7 +15,14 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import layer_offset
-from megatron_gopd.models.weights import REPLICATED, ResolvedWeight, hf_shapes, local_to_global_name, resolved_weights, to_hf_tensors
+from megatron_gopd.models.weights import (
+    REPLICATED,
+    ResolvedWeight,
+    hf_shapes,
+    local_to_global_name,
+    resolved_weights,
+    to_hf_tensors,
+)
 
 
 @dataclass
