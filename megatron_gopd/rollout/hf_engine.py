@@ -97,19 +97,22 @@ class HFRolloutEngine:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")
         batch, longest = len(prompts), max(len(p) for p in prompts)
-        # Left-pad so that every row's next token is at the last position.
+        # Left-pad so that every row's next token is at the last position. The mask is allocated once for the
+        # whole generation and viewed, not regrown each step; without padding none is passed (causal suffices).
         input_ids = torch.zeros(batch, longest, dtype=torch.long, device=self.device)
-        attention = torch.zeros(batch, longest, dtype=torch.long, device=self.device)
+        mask = torch.ones(batch, longest + params.max_new_tokens, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             input_ids[i, longest - len(p):] = torch.tensor(p, device=self.device)
-            attention[i, longest - len(p):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            mask[i, : longest - len(p)] = 0
+        padded = any(len(p) < longest for p in prompts)
+        positions = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
         stop = torch.tensor(params.stop_token_ids or [-1], device=self.device)
         cache = DynamicCache()
         tokens, logprobs = [], []
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         step_ids, step_pos = input_ids, positions
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
+            attention = mask[:, : longest + step] if padded else None
             logits = self.model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
                                 logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
             token, token_lp = sample_next(logits, params, generator)
@@ -120,7 +123,6 @@ class HFRolloutEngine:
                 break
             step_ids = token[:, None]
             step_pos = step_pos[:, -1:] + 1
-            attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype, device=self.device)], 1)
         tokens = torch.stack(tokens, 1).tolist()
         logprobs = torch.stack(logprobs, 1).tolist()
         samples = []
