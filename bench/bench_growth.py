@@ -17,27 +17,46 @@ term's share say where growth is not linear.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
-    BENCH, describe, emit, linear_fit, md_table, num_params, proc_status_kib, quadratic_share, reset_peak_rss,
-    run_script, spread, summary, timed, write_hf_config_dir,
+from bench.common import (
+    BENCH,
+    MODEL_SPECS,
+    cli,
+    describe,
+    linear_fit,
+    md_table,
+    num_params,
+    proc_status_kib,
+    quadratic_share,
+    reset_peak_rss,
+    run_script,
+    spread,
+    summary,
+    timed,
+    write_hf_config_dir,
 )
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
 BATCH, PROMPT = 1, 16
 MAX_POSITIONS = 4352  # room for PROMPT + 4096
+LINEAR_R2 = 0.98  # "near-linear": a line fits both time and memory at least this well
+NEAR_LINEAR = 1.25  # per-token time beyond this factor of the shortest length's is where linearity ends
 
 
 def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
     """Runs in the forked child: builds the models, warms up, then measures `steps` steps."""
     import torch
 
-    from megatron_gopd.algo.gopd import PolicyLossConfig, gopd_advantages, loss_denominator, policy_loss
+    from megatron_gopd.algo.gopd import (
+        PolicyLossConfig,
+        gopd_advantages,
+        loss_denominator,
+        policy_loss,
+    )
     from megatron_gopd.config import OptimConfig
     from megatron_gopd.models.architectures import ModelDims
     from megatron_gopd.models.builder import build_model
@@ -85,7 +104,7 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
         raise
 
 
-def _worker(quick: bool) -> dict:
+def _worker(mode: str) -> dict:
     import multiprocessing
     import tempfile
 
@@ -94,7 +113,7 @@ def _worker(quick: bool) -> dict:
 
     import megatron_gopd.models.parallel_model  # noqa: F401
 
-    steps = 1 if quick else 3
+    steps = 1 if mode == "quick" else 3
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = str(write_hf_config_dir("tiny", Path(tmp) / "tiny", max_position_embeddings=MAX_POSITIONS))
@@ -125,6 +144,7 @@ def run(quick: bool) -> dict:
     for p, t, m in zip(result["points"], times, memory):
         p["time_per_token_vs_first"] = (t / p["length"]) / (times[0] / xs[0])
         p["memory_per_token_vs_first"] = (m / p["length"]) / (memory[0] / xs[0])
+    result["meets_target"] = min(result["time_fit"]["r2"], result["memory_fit"]["r2"]) >= LINEAR_R2
     return result
 
 
@@ -145,16 +165,27 @@ def to_markdown(result: dict) -> str:
             f"\n\n{table}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--worker", choices=["quick", "full"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        emit(_worker(args.worker == "quick"))
-        return
-    print(to_markdown(run(args.quick)))
+def notes(result: dict) -> str:
+    points = result["points"]
+    over = next((p for p in points if p["time_per_token_vs_first"] > NEAR_LINEAR), points[-1])
+    last = points[-1]
+    s = MODEL_SPECS["tiny"]
+    h, ffn = s["hidden_size"], s["intermediate_size"]
+    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
+    # per token and layer: attention ~4 S h FLOPs against the linear layers' 2 (2 h^2 + 2 h kv + 3 h ffn)
+    crossover = h + kv + 1.5 * ffn
+    return (f"**Growth: linear-fit R^2 {result['time_fit']['r2']:.3f} time, {result['memory_fit']['r2']:.3f} memory "
+            f"(target >= {LINEAR_R2}); per token x{last['time_per_token_vs_first']:.1f} time and "
+            f"x{last['memory_per_token_vs_first']:.1f} memory at {last['length']} against {points[0]['length']}. "
+            f"Reason: unfused attention.** "
+            f"Time per token first exceeds {NEAR_LINEAR}x the shortest length's at {over['length']} tokens "
+            f"(x{over['time_per_token_vs_first']:.2f}; memory per token x{over['memory_per_token_vs_first']:.2f}). "
+            f"The local (non-TE) layer spec materialises the fp32 [batch x heads x S x S] attention scores and "
+            f"probabilities in every layer and keeps them for the backward, so memory grows as S^2; attention's "
+            f"S^2 FLOPs pass the linear layers' beyond S ~ {crossover:.0f} tokens for this model. *Would close it:* "
+            f"fused (flash) attention, i.e. Transformer Engine on a GPU, makes memory linear; the S^2 time is "
+            f"attention's own.")
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, _worker, lambda quick: to_markdown(run(quick)))

@@ -19,15 +19,22 @@ Targets: chunked peak <= 0.5 x naive peak, chunked time <= 1.2 x naive time.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    BENCH,
+    cli,
+    md_table,
+    proc_status_kib,
+    reset_peak_rss,
+    run_script,
+    verdict,
+)
+
 QUICK_CASES = [(8192, 32768, "float32")]
 # 152k at 2k tokens: 8k x 152k (5 GB of fp32 logits) would take the naive method past this machine's RAM.
 FULL_CASES = QUICK_CASES + [(8192, 32768, "bfloat16"), (2048, 152064, "float32"), (2048, 152064, "bfloat16")]
@@ -74,11 +81,9 @@ def _setup(tokens: int, vocab: int, dtype_name: str):
 
 def _memory_worker(tokens: int, vocab: int, dtype: str, mode: str, method: str) -> dict:
     logits, run_once = _setup(tokens, vocab, dtype)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    baseline = _proc_status_kib("VmRSS")
+    baseline = reset_peak_rss()
     run_once(method, mode)
-    return {"peak_extra_mib": (_proc_status_kib("VmHWM") - baseline) / 1024,
+    return {"peak_extra_mib": (proc_status_kib("VmHWM") - baseline) / 1024,
             "logits_mib": logits.numel() * logits.element_size() / 2**20}
 
 
@@ -93,17 +98,15 @@ def _time_worker(tokens: int, vocab: int, dtype: str, reps: int) -> dict:
     return best
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+def _worker(kind: str, tokens: str, vocab: str, dtype: str, *rest: str) -> dict:
+    """kind "memory" (rest: mode, method) or "time" (rest: repetitions)."""
+    if kind == "memory":
+        return _memory_worker(int(tokens), int(vocab), dtype, *rest)
+    return _time_worker(int(tokens), int(vocab), dtype, int(rest[0]))
 
 
 def _subprocess(*args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", *map(str, args)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script(BENCH / "bench_logprobs.py", "--worker", *map(str, args))
 
 
 def run(quick: bool) -> list[dict]:
@@ -127,37 +130,16 @@ def run(quick: bool) -> list[dict]:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| tokens x vocab | dtype | mode | logits MiB | naive peak MiB | chunked peak MiB | mem ratio | naive s "
-        "| chunked s | time ratio | targets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['tokens']} x {r['vocab']} | {r['dtype']} | {r['mode']} | {r['logits_mib']:.0f} "
-            f"| {r['naive_peak_mib']:.0f} | {r['chunked_peak_mib']:.0f} | {r['mem_ratio']:.2f} | {r['naive_s']:.2f} "
-            f"| {r['chunked_s']:.2f} | {r['time_ratio']:.2f} | {'ok' if r['meets_targets'] else 'MISSED'} |"
-        )
-    return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8k x 32k fp32 only (under 2 minutes on 2 cores)")
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        kind, tokens, vocab, dtype, *rest = args.worker
-        if kind == "memory":
-            result = _memory_worker(int(tokens), int(vocab), dtype, *rest)
-        else:
-            result = _time_worker(int(tokens), int(vocab), dtype, int(rest[0]))
-        print(json.dumps(result))
-        return
-    print("peak = RSS high-water during the op above the RSS before it (fresh process each); time = best of "
-          f"interleaved runs. Targets: memory <= {MEMORY_TARGET} x naive, time <= {TIME_TARGET} x naive.")
-    print(to_markdown(run(args.quick)))
+    table = md_table(
+        ["tokens x vocab", "dtype", "mode", "logits MiB", "naive peak MiB", "chunked peak MiB", "mem ratio", "naive s",
+         "chunked s", "time ratio", "targets"],
+        [[f"{r['tokens']} x {r['vocab']}", r["dtype"], r["mode"], f"{r['logits_mib']:.0f}",
+          f"{r['naive_peak_mib']:.0f}", f"{r['chunked_peak_mib']:.0f}", f"{r['mem_ratio']:.2f}", f"{r['naive_s']:.2f}",
+          f"{r['chunked_s']:.2f}", f"{r['time_ratio']:.2f}", verdict(r["meets_targets"])] for r in rows])
+    return (f"Log-prob + entropy kernel, chunked vocab-parallel against the naive log_softmax().gather. Peak = the "
+            f"RSS high-water mark during the op above the RSS before it, a fresh process per figure; time = the best "
+            f"of interleaved runs. Targets: peak <= {MEMORY_TARGET}x naive, time <= {TIME_TARGET}x naive.\n\n{table}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, _worker, lambda quick: to_markdown(run(quick)))

@@ -7,7 +7,7 @@ torchrun script in bench/dist/), so that no benchmark inherits another's process
 
 from __future__ import annotations
 
-import datetime
+import argparse
 import hashlib
 import json
 import os
@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:
 # `eos_token_id` 250 is outside the model's 250 logits, so no sampler can ever stop early: every rollout, ours or a
 # baseline's, generates exactly max_new_tokens, and both sides of a comparison do the same amount of work.
 VOCAB, EOS = 250, 250
-_LLAMA = dict(model_type="llama", vocab_size=VOCAB, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-              bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+_LLAMA = {"model_type": "llama", "vocab_size": VOCAB, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+          "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": 0}
 MODEL_SPECS = {
     # the test suite's tiny Llama (tests/tiny.py), with room for 512 positions
     "tiny": dict(_LLAMA, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -122,7 +122,7 @@ def _env(threads: int | None) -> dict:
 def run_script(script: Path, *args: str, timeout: float = 1800, threads: int | None = THREADS) -> dict | None:
     """Runs `python script args`; returns the JSON object on its last stdout line (None if it prints none)."""
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env=_env(threads), cwd=ROOT)
+                          env=_env(threads), cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-6000:]}")
@@ -136,7 +136,8 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: float = 1800, thread
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(script), "--out", str(out), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(threads), cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(threads), cwd=ROOT,
+                              check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                                f"{proc.stderr[-6000:]}")
@@ -146,6 +147,20 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: float = 1800, thread
 def emit(result: dict) -> None:
     """A worker's answer: one JSON line, last on stdout."""
     print(json.dumps(result), flush=True)
+
+
+def cli(doc: str, worker, report) -> None:
+    """The command line of every section module. Without --worker: runs the section (its short form with --quick)
+    and prints its markdown. `--worker ARG...` is the worker process that the section's run() starts through
+    run_script; it answers with `emit(worker(*ARGS))`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the short form that `bench/run.py --quick` runs")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        emit(worker(*args.worker))
+    else:
+        print(report(args.quick))
 
 
 # ---- timing --------------------------------------------------------------------------------------------------
@@ -234,8 +249,8 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": cpu, "cores": os.cpu_count(),
         "python": platform.python_version(),
         "versions": {p: version(p) for p in ("torch", "megatron-core", "transformers", "trl", "accelerate")},
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -248,6 +263,10 @@ def machine() -> dict:
 
 
 # ---- markdown ------------------------------------------------------------------------------------------------
+def verdict(met: bool) -> str:
+    return "ok" if met else "MISSED"
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -1,9 +1,10 @@
 """The GPU suite (torchrun, one process on one CUDA device): student train-step MFU at ~1.3B scale with the local
 layer spec, and with Transformer Engine (bf16, then FP8) when TE is installed; rollout tokens/s of our engine
 against transformers.generate; weight-sync GB/s. Models are randomly initialised from a Llama config (no download).
-Each part records its error instead of stopping the others. Written without a GPU to run it on: unverified.
+Each part records its error instead of stopping the others. Written without a GPU to run it on: only its --smoke
+form (a tiny model, any device, the CPU included) has been run.
 
-    torchrun --nproc_per_node 1 bench/dist/gpu_suite.py --out F [--quick]
+    torchrun --nproc_per_node 1 bench/dist/gpu_suite.py --out F [--quick] [--smoke]
 """
 
 import argparse
@@ -21,12 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from bench.common import write_hf_config_dir  # noqa: E402
-from megatron_gopd.runtime.distributed import init_distributed  # noqa: E402
+from megatron_gopd.runtime.distributed import device, init_distributed  # noqa: E402
 
 # ~1.26B parameters: 24 layers, hidden 2048, GQA 16/8 heads, SwiGLU 5632, vocab 32000 (untied)
 MODEL = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
              intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096, eos_token_id=None,
              bos_token_id=None, pad_token_id=None)
+SMOKE_MODEL = dict(MODEL, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=96, vocab_size=256)
 # dense bf16 tensor-core peaks (FLOP/s) by device-name substring, most specific first
 PEAK_BF16 = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),
              ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("B200", 2250e12)]
@@ -49,7 +52,12 @@ def step_flops(dims, tokens: int, seq: int) -> float:
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def train_mfu(hf_dir: Path, layout, spec: str, fp8: str | None, micro_batches: int, mbs: int, seq: int,
@@ -69,14 +77,14 @@ def train_mfu(hf_dir: Path, layout, spec: str, fp8: str | None, micro_batches: i
         if spec == "local":
             builder.transformer_engine_available = available
     student = TrainableModel(gpt, dims, OptimConfig(lr=1e-5), layout.student.world, total_steps=steps + 2)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=device()).manual_seed(0)
     batches = []
     for _ in range(micro_batches):
-        tokens = torch.randint(3, dims.vocab_size, (mbs, seq), device="cuda", generator=g)
-        zeros = torch.zeros(mbs, seq, device="cuda")
+        tokens = torch.randint(3, dims.vocab_size, (mbs, seq), device=device(), generator=g)
+        zeros = torch.zeros(mbs, seq, device=device())
         batches.append({"tokens": tokens, "old_lp": zeros - 5.0, "rollout_lp": zeros - 5.0,
-                        "advantages": torch.randn(mbs, seq, device="cuda", generator=g),
-                        "loss_mask": torch.ones(mbs, seq, device="cuda")})
+                        "advantages": torch.randn(mbs, seq, device=device(), generator=g),
+                        "loss_mask": torch.ones(mbs, seq, device=device())})
     cfg = PolicyLossConfig(aggregation="token-mean")
     denominator = float(micro_batches * mbs * seq)
 
@@ -94,14 +102,15 @@ def train_mfu(hf_dir: Path, layout, spec: str, fp8: str | None, micro_batches: i
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
     flops = step_flops(dims, micro_batches * mbs * seq, seq)
-    peak = peak_flops(torch.cuda.get_device_name())
+    peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     result = {"spec": spec, "fp8": fp8, "params": sum(p.numel() for p in gpt.parameters()),
               "tokens_per_step": micro_batches * mbs * seq, "step_s": seconds, "step_s_all": times,
               "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
-              "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30}
+              "peak_gpu_gb": peak_gib()}
     del student, gpt, batches
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return result
 
 
@@ -119,8 +128,7 @@ def rollout_and_sync(hf_dir: Path, layout, batch: int, new_tokens: int, rounds: 
 
     dims = ModelDims.from_hf(hf_dir)
     gpt = build_model(dims, layout.student.pgc, dtype=torch.bfloat16)
-    device = torch.device("cuda", torch.cuda.current_device())
-    engine = HFRolloutEngine(str(hf_dir), dtype=torch.bfloat16, device=device)
+    engine = HFRolloutEngine(str(hf_dir), dtype=torch.bfloat16, device=device())
     rollout = ColocatedRollout(engine, gpt, dims, bucket_bytes=512 << 20)
     stats = ExportStats()
     for _ in export_hf_weights(gpt, dims, bucket_bytes=512 << 20, stats=stats):
@@ -137,11 +145,11 @@ def rollout_and_sync(hf_dir: Path, layout, batch: int, new_tokens: int, rounds: 
     result = {"sync": {"bytes": stats.total_bytes, "seconds": sync_med, "seconds_all": sync_s,
                        "gb_per_s": stats.total_bytes / sync_med / 1e9}}
 
-    baseline = AutoModelForCausalLM.from_config(engine.model.config, dtype=torch.bfloat16).cuda().eval()
+    baseline = AutoModelForCausalLM.from_config(engine.model.config, dtype=torch.bfloat16).to(device()).eval()
     baseline.load_state_dict(engine.model.state_dict())
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, dims.vocab_size, (32,), generator=g).tolist() for _ in range(batch)]
-    ids = torch.tensor(prompts, device="cuda")
+    ids = torch.tensor(prompts, device=device())
     params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, stop_token_ids=())
 
     def ours(seed):
@@ -175,19 +183,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and shapes: checks the code on any device")
     args = parser.parse_args()
+    if not (torch.cuda.is_available() or args.smoke):
+        sys.exit("the GPU suite needs a CUDA device (or --smoke)")
     init_distributed()
     from megatron_gopd.models.builder import transformer_engine_available
     from megatron_gopd.runtime.layout import ParallelShape, build_layout
 
     layout = build_layout(ParallelShape())
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
+              "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke,
               "transformer_engine": transformer_engine_available(), "train": []}
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = write_hf_config_dir(dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=10000.0,
-                                          tie_word_embeddings=False, **MODEL), Path(tmp) / "llama-1.3b")
+                                          tie_word_embeddings=False, **(SMOKE_MODEL if args.smoke else MODEL)),
+                                     Path(tmp) / "llama")
         runs = [("local", None)] + ([("te", None), ("te", "hybrid")] if report["transformer_engine"] else [])
-        shape = dict(micro_batches=4, mbs=2, seq=2048, steps=3 if args.quick else 8)
+        shape = dict(micro_batches=2 if args.smoke else 4, mbs=2, seq=64 if args.smoke else 2048,
+                     steps=1 if args.smoke else 3 if args.quick else 8)
         for spec, fp8 in runs:
             try:
                 report["train"].append(train_mfu(hf_dir, layout, spec, fp8, **shape))
@@ -196,7 +210,9 @@ def main() -> None:
         if not report["transformer_engine"]:
             report["train"].append({"spec": "te", "skipped": "transformer_engine is not importable here"})
         try:
-            report.update(rollout_and_sync(hf_dir, layout, batch=64, new_tokens=128, rounds=3 if args.quick else 6))
+            report.update(rollout_and_sync(hf_dir, layout, batch=4 if args.smoke else 64,
+                                           new_tokens=8 if args.smoke else 128,
+                                           rounds=1 if args.smoke else 3 if args.quick else 6))
         except Exception:
             report["rollout_error"] = traceback.format_exc()[-3000:]
     json.dump(report, open(args.out, "w"))
