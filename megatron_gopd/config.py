@@ -257,6 +257,10 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     _require(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
     _choice(config.optim.decay_style, "optim.decay_style", ("constant", "linear", "cosine"))
+    decay_steps = config.optim.decay_steps or config.train.steps
+    _require(0 <= config.optim.warmup_steps < max(decay_steps, 1), "optim.warmup_steps",
+             f"must be in [0, decay steps = {decay_steps}) (optim.decay_steps, else train.steps), "
+             f"got {config.optim.warmup_steps}")
     for key, dtype in [("student.dtype", config.student.dtype), ("reference.dtype", config.reference.dtype)] + [
         (f"teachers[{i}].dtype", tc.dtype) for i, tc in enumerate(config.teachers)
     ]:

@@ -279,5 +279,5 @@ def test_load_prompts_reads_a_split_with_no_dropped_rows(data_dir, tokenizer_dir
     items = dataset.take(range(len(rows)))
     for row, item in zip(rows, items):
         assert item.domain == row["domain"] and item.answer == row["answer"]
-        assert item.extra == {"solution": row["solution"], "num_ops": row["num_ops"]}
+        assert item.extra == {"verifier": "exact", "solution": row["solution"], "num_ops": row["num_ops"]}
         assert tok.decode(item.prompt_ids) == f"<bos><|user|>{row['prompt']}<|end|><|assistant|>"

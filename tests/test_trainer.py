@@ -127,6 +127,7 @@ def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one(tiny_checkpoint
     ("student.path=/nonexistent", "student.path"),
     ("student.parallel.tp=3", "student.parallel"),
     ("data.train=[/nonexistent.jsonl]", "data.train"),
+    ("optim.warmup_steps=1000", "optim.warmup_steps"),
 ])
 def test_bad_config_is_rejected_naming_the_key(override, key, tiny_checkpoints, tmp_path):
     from megatron_gopd.config import ConfigError, load_config

@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     for domain in domains:
         print(f"| {domain} | " + " | ".join(f"{metrics.get(f'{domain}/{c}', float('nan')):.4g}" for c in columns) + " |")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": str(args.model), "n": args.n, "metrics": metrics,
                                               "samples": records}, indent=1))
 

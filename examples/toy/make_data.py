@@ -1,4 +1,5 @@
-"""Writes the toy's datasets: for each domain and split a jsonl of rows {prompt, domain, answer, solution, num_ops}.
+"""Writes the toy's datasets: per domain and split, a jsonl of rows {prompt, domain, answer, verifier, solution,
+num_ops}.
 
     python examples/toy/make_data.py --out data/toy [--seed 0] [--sizes test=1000 train=5000 ...]
                                      [--math max_ops=5 ...] [--code max_len=8 ...]
@@ -29,7 +30,7 @@ from pathlib import Path
 # Run as a script from a checkout: make the repo root importable (for megatron_gopd and examples.toy).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.toy.tasks import (  # noqa: E402
+from examples.toy.tasks import (
     CONFIGS,
     DOMAINS,
     CodeConfig,
@@ -38,7 +39,7 @@ from examples.toy.tasks import (  # noqa: E402
     config_from_overrides,
     sample,
 )
-from megatron_gopd.data import write_jsonl  # noqa: E402
+from megatron_gopd.data import write_jsonl
 
 SPLITS = ("test", "val", "train", "pretrain")  # the order problems are drawn in
 DEFAULT_SIZES = {"test": 1000, "val": 500, "train": 5000, "pretrain": 20000}  # per domain
@@ -46,7 +47,7 @@ MAX_DRAWS_PER_ROW = 50  # a difficulty whose problem space is nearly exhausted f
 
 
 def problem_row(problem: Problem) -> dict[str, str | int]:
-    return {"prompt": problem.prompt, "domain": problem.domain, "answer": problem.answer,
+    return {"prompt": problem.prompt, "domain": problem.domain, "answer": problem.answer, "verifier": "exact",
             "solution": problem.solution, "num_ops": problem.num_ops}
 
 

@@ -29,7 +29,7 @@ import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from megatron_gopd.eval.verifiers import exact_match
 
@@ -82,7 +82,7 @@ class _BinOp:
     right: _Expr
 
 
-_Expr = Union[_Num, _BinOp]
+_Expr = _Num | _BinOp
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 _APPLY: dict[str, Callable[[int, int], int]] = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,
                                                "*": lambda a, b: a * b}
@@ -200,7 +200,7 @@ class DSLError(ValueError):
     """A program that does not parse or an op applied to a value it does not accept."""
 
 
-Value = Union[int, str, list]
+Value = int | str | list
 _LETTERS = string.ascii_lowercase
 
 

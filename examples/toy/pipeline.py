@@ -1,0 +1,315 @@
+"""The toy experiment: the paper's multi-teacher expert merging in miniature, end to end on CPU.
+
+    bash examples/toy/run.sh [--out runs/toy] [--fresh] [--profile full|quick]
+
+Stages, each cached in its own directory under --out (a rerun skips finished stages and resumes an interrupted
+trainer run from its last checkpoint; --fresh starts over):
+  data          two synthetic domains with exact verifiers (tasks.py), fixed seeds, jsonl splits
+  tokenizer     a character tokenizer in HF format with a chat template (tokenizer.py)
+  init          a randomly initialised tiny Qwen3, as HF and as a megatron-gopd checkpoint
+  pretrain      brief SFT on worked solutions of both domains: a mediocre base
+  teachers      GRPO from the base, one run per domain: the domain experts
+  hf            the base and the teachers converted to HF (for sampling, ExPO and evaluation)
+  samples       each teacher's samples on its domain's train prompts (the SFT baseline's data)
+  expo          ExPO, alpha = 0.5: extrapolation from the base through the teachers' mean weights
+  distill       back into the base, for each seed: SFT on teacher samples, and G-OPD at each lambda
+  evaluate      base, teachers and ExPO on the held-out split, one evaluation per seed
+  report        the results table, response lengths and the lambda plot (report.py)
+
+Every trainer stage is `torchrun -m megatron_gopd.train` on a config written next to its outputs, so the toy
+goes through the same code as a cluster run. Distillation uses dedicated teacher ranks when --ranks-per-run
+leaves room for them (1 student rank + 1 per teacher) and colocated teachers otherwise; independent runs go
+side by side, --jobs at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout: examples.toy and tools are importable
+
+from examples.toy import report
+from examples.toy.make_data import make_data
+from examples.toy.tokenizer import build_tokenizer, corpus_texts
+
+CONFIGS = Path(__file__).parent / "configs"
+DOMAINS = ("math", "code")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big each stage is. `full` is the README's run; `quick` checks the plumbing in a few minutes."""
+
+    sizes: dict[str, int]  # rows per domain and split
+    difficulty: dict[str, dict[str, str]]  # tasks.py knobs per domain
+    model: dict[str, int]  # the tiny Qwen3's shape
+    pretrain_steps: int
+    teacher_steps: int
+    distill_steps: int
+    seeds: tuple[int, ...]
+    lambdas: tuple[float, ...]
+    eval_n: int  # avg@n
+    max_new_tokens: int = 64
+
+
+DIFFICULTY = {
+    "math": {"min_ops": "1", "max_ops": "2", "max_operand": "12", "max_factor": "5", "max_value": "60",
+             "mul_prob": "0.25", "detail_prob": "0.3"},
+    "code": {"min_ops": "1", "max_ops": "2", "min_len": "3", "max_len": "4", "max_item": "9", "max_arg": "2"},
+}
+MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 384, "num_attention_heads": 4,
+         "num_key_value_heads": 2}
+PROFILES = {
+    "full": Profile(sizes={"test": 200, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
+                    model=MODEL, pretrain_steps=400, teacher_steps=40, distill_steps=30, seeds=(1, 2, 3),
+                    lambdas=(0.5, 1.0, 1.25, 1.5), eval_n=4),
+    "quick": Profile(sizes={"test": 16, "val": 8, "train": 64, "pretrain": 400}, difficulty=DIFFICULTY,
+                     model=MODEL, pretrain_steps=30, teacher_steps=4, distill_steps=2, seeds=(1,),
+                     lambdas=(1.0, 1.25), eval_n=1),
+}
+
+
+@dataclass
+class Job:
+    """One command; <out>/logs/<name>.log keeps its output and <name>.done records its success for reruns."""
+
+    name: str
+    cmd: list[str]
+    nproc: int = 1
+    steps: int = 1  # progress units: a trainer run's steps, read from its metrics.jsonl as it goes
+    metrics: Path | None = None
+
+    def progress(self) -> int:
+        if self.metrics is None or not self.metrics.exists():
+            return 0
+        lines = self.metrics.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+
+
+@dataclass
+class Pipeline:
+    out: Path
+    profile: Profile
+    jobs: int
+    ranks_per_run: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    # ---- paths -----------------------------------------------------------------------------------------------
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def data(self, name: str) -> str:
+        return str(self.path("data", name))
+
+    def checkpoint(self, run: str) -> str:
+        """The final checkpoint of a finished trainer run (its `latest` pointer, resolved)."""
+        checkpoints = self.path("runs", run, "checkpoints")
+        return str(checkpoints / (checkpoints / "latest").read_text().strip())
+
+    # ---- the stages ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        start = time.time()
+        for stage in (self.make_data, self.make_tokenizer, self.init_model, self.pretrain, self.train_teachers,
+                      self.convert_models, self.sample_teachers, self.expo, self.distill, self.evaluate):
+            self.timed(stage)
+        self.stage_seconds["total"] = time.time() - start
+        self.timed(self.report)
+
+    def timed(self, stage: Callable[[], None]) -> None:
+        began = time.time()
+        stage()
+        self.stage_seconds[stage.__name__] = time.time() - began
+
+    def make_data(self) -> None:
+        if not self.path("data", "manifest.json").exists():
+            make_data(self.path("data"), seed=0, sizes=self.profile.sizes, overrides=self.profile.difficulty)
+
+    def make_tokenizer(self) -> None:
+        if not self.path("tokenizer", "tokenizer.json").exists():
+            build_tokenizer(corpus_texts(self.path("data"))).save_pretrained(self.path("tokenizer"))
+
+    def init_model(self) -> None:
+        hf, ckpt = self.path("models", "init-hf"), self.path("models", "init")
+        if self.done("init"):
+            return
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path("tokenizer"))
+        dims = self.profile.model
+        config = AutoConfig.for_model(
+            "qwen3", vocab_size=len(tokenizer), head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+            max_position_embeddings=4 * self.profile.max_new_tokens, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **dims)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        self.run_jobs("init", [Job("init", [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(hf),
+                                           "--save-dir", str(ckpt)])])
+
+    def pretrain(self) -> None:
+        self.run_jobs("pretrain", [self.trainer_job("pretrain", "pretrain.yaml", nproc=self.jobs, settings={
+            "student.path": str(self.path("models", "init")),
+            "data.train": [self.data("pretrain.jsonl")],
+            "train.steps": self.profile.pretrain_steps,
+        })])
+
+    def train_teachers(self) -> None:
+        self.run_jobs("teachers", [self.trainer_job(f"teacher-{domain}", "teacher.yaml", settings={
+            "student.path": self.checkpoint("pretrain"),
+            "data.train": [self.data(f"{domain}/train.jsonl")],
+            "train.steps": self.profile.teacher_steps,
+        }) for domain in DOMAINS])
+
+    def convert_models(self) -> None:
+        self.run_jobs("hf", [Job(f"{name}-hf", [sys.executable, "tools/convert_megatron_to_hf.py", "--load-dir",
+                                                 self.checkpoint(run), "--save-dir", str(self.path("models", name))])
+                             for name, run in self.hf_models().items()])
+
+    def hf_models(self) -> dict[str, str]:
+        return {"base": "pretrain", **{f"teacher-{d}": f"teacher-{d}" for d in DOMAINS}}
+
+    def sample_teachers(self) -> None:
+        self.run_jobs("samples", [Job(f"samples-{d}", [
+            sys.executable, "tools/generate.py", "--model", str(self.path("models", f"teacher-{d}")),
+            "--data", self.data(f"{d}/train.jsonl"), "--out", self.data(f"samples/{d}.jsonl"),
+            "--max-new-tokens", str(self.profile.max_new_tokens)]) for d in DOMAINS])
+
+    def expo(self) -> None:
+        self.run_jobs("expo", [Job("expo", [
+            sys.executable, "tools/expo.py", "--student", str(self.path("models", "base")), "--teachers",
+            *(str(self.path("models", f"teacher-{d}")) for d in DOMAINS), "--alpha", "0.5",
+            "--out", str(self.path("models", "expo"))])])
+
+    def distill(self) -> None:
+        jobs = []
+        for seed in self.profile.seeds:
+            jobs.append(self.trainer_job(f"sft-s{seed}", "distill.yaml", settings={
+                **self.distill_settings(seed), "algo.name": "sft", "teachers": [],
+                "data.train": [self.data(f"samples/{d}.jsonl") for d in DOMAINS], "data.response_key": "response"}))
+            dedicated = self.ranks_per_run >= 1 + len(DOMAINS)
+            for lam in self.profile.lambdas:
+                jobs.append(self.trainer_job(f"gopd-lam{lam:g}-s{seed}", "distill.yaml",
+                                             nproc=self.ranks_per_run if dedicated else 1, settings={
+                    **self.distill_settings(seed), "algo.lam": lam,
+                    "teachers": [{"name": d, "path": self.checkpoint(f"teacher-{d}"), "domains": [d],
+                                  "placement": "dedicated" if dedicated else "colocated"} for d in DOMAINS]}))
+        self.run_jobs("distill", jobs)
+
+    def distill_settings(self, seed: int) -> dict:
+        return {"student.path": self.checkpoint("pretrain"), "data.train": [self.data("train.jsonl")],
+                "train.steps": self.profile.distill_steps, "train.seed": seed, **self.eval_settings()}
+
+    def eval_settings(self) -> dict:
+        return {"data.eval": [self.data(f"{d}/test.jsonl") for d in DOMAINS],
+                "eval.n": self.profile.eval_n, "eval.max_prompts": len(DOMAINS) * self.profile.sizes["test"],
+                "eval.interval": self.profile.distill_steps, "rollout.max_new_tokens": self.profile.max_new_tokens}
+
+    def evaluate(self) -> None:
+        """The models that have no trainer run of their own, evaluated like a trainer's final evaluation."""
+        self.run_jobs("evaluate", [Job(f"{name}-s{seed}", [
+            sys.executable, "tools/evaluate.py", "--model", str(self.path("models", name)),
+            "--data", *self.eval_settings()["data.eval"], "--n", str(self.profile.eval_n), "--seed", str(seed),
+            "--max-new-tokens", str(self.profile.max_new_tokens), "--out", str(self.path("eval", f"{name}-s{seed}.json"))])
+            for name in [*self.hf_models(), "expo"] for seed in self.profile.seeds])
+
+    def report(self) -> None:
+        results = report.write_report(self.out, seeds=self.profile.seeds, lambdas=self.profile.lambdas,
+                                      stage_seconds=self.stage_seconds)
+        print(results["markdown"])
+
+    # ---- running commands ------------------------------------------------------------------------------------
+    def trainer_job(self, name: str, template: str, settings: dict, nproc: int = 1) -> Job:
+        workdir = self.path("runs", name)
+        config = yaml.safe_load((CONFIGS / template).read_text())
+        for dotted, value in {**settings, "train.output_dir": str(workdir)}.items():
+            *parents, leaf = dotted.split(".")
+            node = config
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        return Job(name, [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                          "-m", "megatron_gopd.train", "--config", str(workdir / "config.yaml")], nproc,
+                   steps=config["train"]["steps"], metrics=workdir / "metrics.jsonl")
+
+    def run_jobs(self, stage: str, jobs: list[Job]) -> None:
+        """Runs the unfinished jobs, as many at once as fit in --jobs ranks; raises with the log of a failure."""
+        todo = [job for job in jobs if not self.done(job.name)]
+        if not todo:
+            print(f"[{stage}] cached")
+            return
+        width = max(1, self.jobs // max(job.nproc for job in todo))
+        with ThreadPoolExecutor(max_workers=width) as pool, \
+                tqdm(total=sum(job.steps for job in todo), desc=stage, unit="step", dynamic_ncols=True) as bar:
+            running = {pool.submit(self.run_job, job): job for job in todo}
+            while running:
+                finished, _ = wait(running, timeout=2, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    running.pop(future)
+                    future.result()  # a failed job raises here, with its errors
+                bar.n = sum(job.steps if self.done(job.name) else min(job.progress(), job.steps) for job in todo)
+                bar.set_postfix_str(", ".join(job.name for job in running.values()))
+
+    def done(self, job_name: str) -> bool:
+        return self.path("logs", f"{job_name}.done").exists()
+
+    def run_job(self, job: Job) -> Job:
+        log = self.path("logs", f"{job.name}.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(job.cmd)}\n")
+            f.flush()
+            proc = subprocess.run(job.cmd, check=False, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:  # torchrun's own report ends the log: show the ranks' errors instead
+            errors = [line for line in log.read_text(errors="replace").splitlines()
+                      if ("Error" in line or "error:" in line) and "torch/distributed" not in line]
+            raise RuntimeError(f"{job.name} failed (exit {proc.returncode}); its log is {log}. Errors:\n"
+                               + "\n".join(dict.fromkeys(errors[-5:])))
+        self.path("logs", f"{job.name}.done").touch()
+        return job
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "toy"), help="where every stage writes")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes to run at once (default: the CPUs this process may use)")
+    parser.add_argument("--ranks-per-run", type=int, default=1,
+                        help="ranks per distillation run: 3 or more gives each teacher a dedicated rank")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = PROFILES[args.profile]
+    recorded, wanted = out / "profile.json", json.dumps(dataclasses.asdict(profile), indent=1)
+    if recorded.exists() and recorded.read_text() != wanted:  # cached stages of another profile must not mix in
+        sys.exit(f"error: {out} holds a run with other settings than --profile {args.profile} (see {recorded}); "
+                 "pass --fresh to redo it, or another --out")
+    recorded.write_text(wanted)
+    Pipeline(out, profile, jobs=max(1, args.jobs), ranks_per_run=args.ranks_per_run).run()
+
+
+if __name__ == "__main__":
+    main()
