@@ -81,9 +81,23 @@ def check_disjoint(splits: Mapping[str, Sequence[Mapping]]) -> None:
             where[row["prompt"]] = name
 
 
+def add_careless_answers(rows: list[dict], fraction: float, rng: random.Random) -> None:
+    """Ends `fraction` of the worked solutions with another row's answer: the worked steps stay right, the final
+    line does not follow from them. A base pretrained on this corpus often writes a final answer that ignores its
+    own work, which is what RL on a verifiable reward fixes first (the toy's stand-in for a pretrained model's
+    bad habits that RL removes); the `answer` column is never touched."""
+    answers = sorted({row["answer"] for row in rows})
+    for row in rows:
+        if rng.random() < fraction and len(answers) > 1:
+            wrong = rng.choice([a for a in answers if a != row["answer"]])
+            row["solution"] = row["solution"].rsplit("Answer: ", 1)[0] + f"Answer: {wrong}"
+
+
 def make_data(out: str | Path, *, seed: int = 0, sizes: Mapping[str, int] | None = None,
-              overrides: Mapping[str, Mapping[str, str]] | None = None) -> dict:
+              overrides: Mapping[str, Mapping[str, str]] | None = None, careless_fraction: float = 0.0) -> dict:
     """Generates and writes every file (see the module doc); returns the manifest."""
+    if not 0.0 <= careless_fraction <= 1.0:
+        raise ValueError(f"careless_fraction must be in [0, 1], got {careless_fraction}")
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     for split, n in sizes.items():
         if split not in SPLITS or n < 0:
@@ -95,6 +109,9 @@ def make_data(out: str | Path, *, seed: int = 0, sizes: Mapping[str, int] | None
     per_domain = {domain: generate_domain(domain, sizes, seed, configs[domain], seen) for domain in DOMAINS}
     check_disjoint({f"{domain}/{split}": rows for domain, splits in per_domain.items()
                     for split, rows in splits.items()})
+    for domain in DOMAINS:
+        add_careless_answers(per_domain[domain]["pretrain"], careless_fraction,
+                             random.Random(f"toy-data:{seed}:{domain}:careless"))
 
     files: dict[str, list[dict]] = {}
     for split in SPLITS:
@@ -105,7 +122,7 @@ def make_data(out: str | Path, *, seed: int = 0, sizes: Mapping[str, int] | None
         random.Random(f"toy-data:{seed}:mix:{split}").shuffle(combined)
         files[f"{split}.jsonl"] = combined
 
-    manifest = {"seed": seed, "sizes_per_domain": {s: sizes[s] for s in SPLITS},
+    manifest = {"seed": seed, "sizes_per_domain": {s: sizes[s] for s in SPLITS}, "careless_fraction": careless_fraction,
                 "difficulty": {domain: dataclasses.asdict(configs[domain]) for domain in DOMAINS}, "files": {}}
     for name, rows in files.items():
         write_jsonl(out / name, rows)
@@ -130,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--careless-fraction", type=float, default=0.0,
+                        help="pretrain solutions whose final answer is another row's (add_careless_answers)")
     parser.add_argument("--sizes", nargs="+", default=[], metavar="SPLIT=N",
                         help=f"rows per domain; defaults {' '.join(f'{k}={v}' for k, v in DEFAULT_SIZES.items())}")
     for domain in DOMAINS:
@@ -145,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"--sizes: {split} must be an integer, got {n!r}") from None
     overrides = {domain: parse_assignments(getattr(args, domain), f"--{domain}") for domain in DOMAINS}
     try:
-        manifest = make_data(args.out, seed=args.seed, sizes=sizes, overrides=overrides)
+        manifest = make_data(args.out, seed=args.seed, sizes=sizes, overrides=overrides,
+                             careless_fraction=args.careless_fraction)
     except (ValueError, RuntimeError) as error:  # bad sizes or knobs, or too few distinct problems
         raise SystemExit(f"error: {error}") from None
     for name, info in manifest["files"].items():

@@ -64,6 +64,7 @@ class Profile:
     seeds: tuple[int, ...]
     lambdas: tuple[float, ...]
     eval_n: int  # avg@n
+    careless_fraction: float = 0.5  # of the pretraining solutions (make_data.add_careless_answers says why)
     max_new_tokens: int = 64
 
 
@@ -137,7 +138,8 @@ class Pipeline:
 
     def make_data(self) -> None:
         if not self.path("data", "manifest.json").exists():
-            make_data(self.path("data"), seed=0, sizes=self.profile.sizes, overrides=self.profile.difficulty)
+            make_data(self.path("data"), seed=0, sizes=self.profile.sizes, overrides=self.profile.difficulty,
+                      careless_fraction=self.profile.careless_fraction)
 
     def make_tokenizer(self) -> None:
         if not self.path("tokenizer", "tokenizer.json").exists():
