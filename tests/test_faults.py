@@ -85,7 +85,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_checkpoin
     config = write_run(tmp_path, tiny_checkpoints, train__steps=3)
     assert launch(config).returncode == 0
     checkpoints = tmp_path / "run" / "checkpoints"
-    shard = sorted((checkpoints / "step_00000003" / "dist").glob("*.distcp"))[0]
+    shard = min((checkpoints / "step_00000003" / "dist").glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -98,7 +98,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_checkpoin
     assert after[3] == before[3]
 
 
-def test_nan_in_one_teacher_response_drops_exactly_that_sample(tiny_checkpoints, tmp_path):
+def poisoned_math_teacher(tiny_checkpoints, tmp_path) -> list[dict]:
+    """The teachers' config with a math teacher whose embedding of token t249 is NaN: any sequence holding t249
+    gets NaN teacher log-probs."""
     poisoned = tmp_path / "poisoned-hf"
     subprocess.run(["cp", "-r", str(tiny_checkpoints / "hf" / "math"), str(poisoned)], check=True)
     weights = load_file(poisoned / "model.safetensors")
@@ -106,10 +108,15 @@ def test_nan_in_one_teacher_response_drops_exactly_that_sample(tiny_checkpoints,
     save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
     subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(poisoned), "--save-dir",
                     str(tmp_path / "poisoned")], check=True, cwd=ROOT, capture_output=True)
+    return [{"name": "math", "path": str(tmp_path / "poisoned"), "domains": ["math"]},
+            {"name": "code", "path": str(tiny_checkpoints / "code"), "domains": ["code"]}]
+
+
+def test_nan_in_one_teacher_response_drops_exactly_that_sample(tiny_checkpoints, tmp_path):
+    teachers = poisoned_math_teacher(tiny_checkpoints, tmp_path)
     # top_k=1: the student never samples t249 itself, so the only NaN sample is the poisoned prompt's
-    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, data__prompts_per_step=8, rollout__top_k=1, teachers=[
-        {"name": "math", "path": str(tmp_path / "poisoned"), "domains": ["math"]},
-        {"name": "code", "path": str(tiny_checkpoints / "code"), "domains": ["code"]}])
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, data__prompts_per_step=8, rollout__top_k=1,
+                       teachers=teachers)
     data = tmp_path / "prompts.jsonl"
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     rows = rows[:8]  # one step's worth, each prompt once
@@ -121,6 +128,27 @@ def test_nan_in_one_teacher_response_drops_exactly_that_sample(tiny_checkpoints,
     for step in (1, 2):  # every step holds all 8 prompts, so the poisoned one each time
         assert m[step]["faults/dropped_samples"] == 1
         assert m[step]["loss"] is not None and m[step]["grad_norm"] > 0
+
+
+def test_too_many_nan_samples_skip_the_step_and_repeated_skips_stop_the_run(tiny_checkpoints, tmp_path):
+    teachers = poisoned_math_teacher(tiny_checkpoints, tmp_path)
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=4, data__prompts_per_step=8, rollout__top_k=1,
+                       eval__interval=0, teachers=teachers,
+                       faults={"max_bad_sample_fraction": 0.5, "max_consecutive_skips": 1})
+    data = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:8]  # one step's worth, each prompt once
+    for i in range(5):  # 5 of 8 samples NaN: 62.5% > max_bad_sample_fraction
+        rows[i] = {"prompt": f"t249 t{17 + i} t18", "domain": "math", "answer": "t5"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = launch(config)
+    # step 1 is skipped (1 in a row, allowed); step 2 is the second skip in a row, over max_consecutive_skips=1
+    assert result.returncode != 0
+    assert "2 consecutive steps were skipped (last: 62% of the samples had NaN/inf log-probs); stopping" in result.stderr
+    m = metrics(tmp_path / "run")
+    assert m[1]["faults/skipped_step"] == 1.0
+    assert m[1]["faults/dropped_samples"] == 5
+    assert m[1].get("grad_norm") is None  # no update was made
+    assert 2 not in m and 3 not in m  # the run stopped at step 2, before logging it
 
 
 def test_malformed_dataset_rows_are_counted_by_kind(tiny_checkpoints, tmp_path):

@@ -14,7 +14,7 @@ from tests.tiny import save_tiny_hf
 
 def run(*args, nproc=None):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [])
-    result = subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(cmd + list(args), check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -26,7 +26,7 @@ def hf_tensors(directory):
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3_tied"])  # biases; qk-norm + tied (all 4: the exporter test)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3_tied"])  # plain; biases; qk-norm untied, tied
 def test_hf_megatron_hf_round_trip_is_bit_exact_and_loads_cleanly(arch, tmp_path):
     save_tiny_hf(arch, tmp_path / "hf", seed=2)
     run("tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "mg"),
@@ -65,17 +65,39 @@ def test_megatron_checkpoint_logits_match_hf_at_tp2_and_pp2(tiny_checkpoints, tm
 def test_converter_errors_are_clear(tmp_path):
     save_tiny_hf("llama", tmp_path / "hf")
     bad_tp = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"),
-                             "--save-dir", str(tmp_path / "x"), "--tp", "2"], capture_output=True, text=True, cwd=ROOT)
+                             "--save-dir", str(tmp_path / "x"), "--tp", "2"], check=False, capture_output=True, text=True, cwd=ROOT)
     assert "--tp 2 x --pp 1 needs 2 processes, got 1" in bad_tp.stderr
     missing = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "nope"),
-                              "--save-dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
+                              "--save-dir", str(tmp_path / "x")], check=False, capture_output=True, text=True, cwd=ROOT)
     assert "no config.json" in missing.stderr
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["model_type"] = "gpt2"
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     unsupported = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"),
-                                  "--save-dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)
+                                  "--save-dir", str(tmp_path / "x")], check=False, capture_output=True, text=True, cwd=ROOT)
     assert "unsupported architecture model_type='gpt2'; supported: ['llama', 'qwen2', 'qwen3']" in unsupported.stderr
+
+
+def test_tp_that_does_not_divide_the_gqa_groups_is_a_clear_error(tmp_path):
+    from megatron_gopd.models.architectures import ModelDims
+    from tests.tiny import tiny_hf_config
+
+    dims = ModelDims.from_hf(tiny_hf_config("qwen3"))  # 4 query heads in 2 key/value groups
+    dims.check_parallel(2, 1)  # 2 divides both
+    with pytest.raises(ValueError, match=r"^tp=4 does not divide num_key_value_heads=2 \(the GQA groups\)$"):
+        dims.check_parallel(4, 1)  # 4 divides the 4 query heads, not the 2 groups
+    # through the converter: 4 heads in 1 key/value group (multi-query) at --tp 2
+    save_tiny_hf("llama", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["num_key_value_heads"] = 1
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "mg"),
+           "--tp", "2"]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0
+    assert "error: tp=2 does not divide num_key_value_heads=1 (the GQA groups)" in result.stderr
+    assert not (tmp_path / "mg").exists()  # nothing half-written
 
 
 def test_expo_with_alpha_zero_is_the_teachers_mean(tiny_checkpoints, tmp_path):
@@ -102,7 +124,7 @@ def test_expo_rejects_different_architectures(tiny_checkpoints, tmp_path):
     save_tiny_hf("llama", tmp_path / "llama")
     result = subprocess.run([sys.executable, "tools/expo.py", "--student", str(tiny_checkpoints / "hf" / "student"),
                              "--teachers", str(tmp_path / "llama"), "--out", str(tmp_path / "x")],
-                            capture_output=True, text=True, cwd=ROOT)
+                            check=False, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "not the same architecture" in result.stderr
 
 
