@@ -64,6 +64,7 @@ class Profile:
     seeds: tuple[int, ...]
     lambdas: tuple[float, ...]
     eval_n: int  # avg@n
+    sft_samples_per_domain: int = 400  # teacher samples for the SFT baseline: more than its steps can use
     careless_fraction: float = 0.5  # of the pretraining solutions (make_data.add_careless_answers says why)
     max_new_tokens: int = 64
 
@@ -76,12 +77,12 @@ DIFFICULTY = {
 MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 384, "num_attention_heads": 4,
          "num_key_value_heads": 2}
 PROFILES = {
-    "full": Profile(sizes={"test": 200, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
-                    model=MODEL, pretrain_steps=400, teacher_steps=40, distill_steps=30, seeds=(1, 2, 3),
+    "full": Profile(sizes={"test": 150, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
+                    model=MODEL, pretrain_steps=400, teacher_steps=40, distill_steps=24, seeds=(1, 2, 3),
                     lambdas=(0.5, 1.0, 1.25, 1.5), eval_n=4),
     "quick": Profile(sizes={"test": 16, "val": 8, "train": 64, "pretrain": 400}, difficulty=DIFFICULTY,
                      model=MODEL, pretrain_steps=30, teacher_steps=4, distill_steps=2, seeds=(1,),
-                     lambdas=(1.0, 1.25), eval_n=1),
+                     lambdas=(1.0, 1.25), eval_n=1, sft_samples_per_domain=32),
 }
 
 
@@ -191,7 +192,8 @@ class Pipeline:
         self.run_jobs("samples", [Job(f"samples-{d}", [
             sys.executable, "tools/generate.py", "--model", str(self.path("models", f"teacher-{d}")),
             "--data", self.data(f"{d}/train.jsonl"), "--out", self.data(f"samples/{d}.jsonl"),
-            "--max-new-tokens", str(self.profile.max_new_tokens)]) for d in DOMAINS])
+            "--max-new-tokens", str(self.profile.max_new_tokens),
+            "--max-prompts", str(self.profile.sft_samples_per_domain)]) for d in DOMAINS])
 
     def expo(self) -> None:
         self.run_jobs("expo", [Job("expo", [
@@ -268,7 +270,7 @@ class Pipeline:
                     running.pop(future)
                     future.result()  # a failed job raises here, with its errors
                 bar.n = sum(job.steps if self.done(job.name) else min(job.progress(), job.steps) for job in todo)
-                bar.set_postfix_str(", ".join(job.name for job in running.values()))
+                bar.set_postfix_str(f"{len(running)} of {len(todo)} jobs to finish")
 
     def done(self, job_name: str) -> bool:
         return self.path("logs", f"{job_name}.done").exists()
