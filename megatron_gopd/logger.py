@@ -48,11 +48,17 @@ class RunLogger:
         finally:
             self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def log(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
-        """Adds the step's phase times and memory, then writes everything (rank 0 only); `advance` moves the
+    def log(self, step: int, metrics: dict[str, float], *, advance: bool = True,
+            tokens: dict[str, float] | None = None) -> None:
+        """Adds the step's phase times, throughput and memory, then writes everything (rank 0 only); `tokens`
+        maps a phase to the tokens it processed (-> throughput/<phase>_tokens_per_s); `advance` moves the
         progress bar (not for the evaluation before the first step)."""
         metrics = dict(metrics)
         metrics.update({f"time/{k}_s": v for k, v in self.phase_seconds.items()})
+        for phase, count in (tokens or {}).items():
+            seconds = self.phase_seconds.get(phase, 0.0)
+            if count > 0 and seconds > 0:
+                metrics[f"throughput/{phase}_tokens_per_s"] = count / seconds
         metrics["memory/rss_gb"] = psutil.Process(os.getpid()).memory_info().rss / 2**30
         if torch.cuda.is_available():
             metrics["memory/gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30

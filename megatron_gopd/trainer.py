@@ -36,6 +36,8 @@ class StepData:
     micro_batches: list[dict[str, torch.Tensor]]
     items: list[PromptItem]  # one per row, in row order across micro-batches
     responses: list[list[int]]
+    finish_reasons: list[str]  # "stop" or "length" (hit max_new_tokens), per row
+    tokens: int  # prompt + response tokens of all rows, padding excluded
 
 
 class Trainer:
@@ -53,6 +55,7 @@ class Trainer:
         for step in range(r.start_step, cfg.train.steps):
             with r.logger.phase("rollout"):  # each finished micro-batch streams to its teachers at once
                 data = self.rollout(step)
+            r.rollout.sleep()  # the engine's memory (SGLang) goes to training; the weight sync wakes it
             with r.logger.phase("old_logprobs"):  # meanwhile the teachers score it
                 self.add_old_logprobs(data)
             with r.logger.phase("teachers"):
@@ -67,7 +70,11 @@ class Trainer:
                     metrics.update(self.evaluate())
             if step == r.start_step:
                 metrics.update(r.dataset.report.as_metrics())  # what the data loader kept and dropped, and why
-            r.logger.log(step + 1, metrics)
+            dp = r.student.pgc.dp
+            updated = "faults/skipped_step" not in metrics
+            r.logger.log(step + 1, metrics, tokens={  # over all replicas, for throughput/<phase>_tokens_per_s
+                "rollout": _sum_over(sum(map(len, data.responses)), dp),
+                "update": _sum_over(data.tokens * cfg.algo.updates_per_batch if updated else 0, dp)})
             last = step + 1 == cfg.train.steps or self._stop_agreed()
             if last or (step + 1) % cfg.checkpoint.interval == 0:
                 with r.logger.phase("checkpoint"):
@@ -82,7 +89,7 @@ class Trainer:
         items = [item for item in r.dataset.take(r.sampler.next_indices()) for _ in range(cfg.rollout.samples_per_prompt)]
         mbs = cfg.train.micro_batch_size
         chunk_rows = max(mbs, cfg.rollout.chunk_size // mbs * mbs)  # rows per generate call, whole micro-batches
-        micro_batches, responses = [], []
+        micro_batches, responses, reasons, tokens = [], [], [], 0
         for start in range(0, len(items), chunk_rows):
             chunk = items[start:start + chunk_rows]
             if cfg.algo.name == "sft":  # off-policy: the dataset holds the (teacher's) responses
@@ -96,11 +103,13 @@ class Trainer:
                 batch = samples_to_batch(part, max(lengths), r.pad_id)
                 r.scorer.submit(batch["tokens"], [r.frozen_owners(item) for item in owners], lengths)
                 micro_batches.append(batch)
+                tokens += sum(lengths)
             responses += [s.response_ids for s in samples]
+            reasons += [s.finish_reason for s in samples]
         seq = max(mb["tokens"].shape[1] for mb in micro_batches)  # one shape for megatron's schedule
         micro_batches = [{k: torch.nn.functional.pad(v, (0, seq - v.shape[1])) for k, v in mb.items()}
                          for mb in micro_batches]
-        return StepData(micro_batches, items, responses)
+        return StepData(micro_batches, items, responses, reasons, tokens)
 
     # ---- 2-3. log-probs of the old policy, the teachers and the reference -----------------------------------
     def add_old_logprobs(self, data: StepData) -> None:
@@ -151,7 +160,7 @@ class Trainer:
         if cfg.algo.name == "grpo":
             parts.append(self._grpo_advantages(data))
         self.step_dropped = _sum_over(dropped, r.student.pgc.dp) / _sum_over(rows, r.student.pgc.dp)
-        parts.append({"faults/dropped_samples": Stat.total_of(dropped)})
+        parts.append({"faults/dropped_samples": Stat.total_of(dropped), **_response_metrics(data)})
         return reduce_metrics(merge_metrics(*parts), r.student.pgc.dp)
 
     def _grpo_advantages(self, data: StepData) -> dict[str, Stat]:
@@ -257,6 +266,15 @@ class Trainer:
         flag = torch.tensor([float(self.stop_requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.run_.student_world)
         return bool(flag.item())
+
+
+def _response_metrics(data: StepData) -> dict[str, Stat]:
+    """Response lengths, and the fraction of responses cut off at max_new_tokens (finish reason "length")."""
+    rows = torch.tensor(float(len(data.responses)), dtype=torch.float64)
+    truncated = sum(reason == "length" for reason in data.finish_reasons)
+    return {"rollout/truncated_frac": Stat(torch.tensor(float(truncated), dtype=torch.float64), rows),
+            "rollout/response_length": Stat(torch.tensor(float(sum(map(len, data.responses))), dtype=torch.float64),
+                                             rows)}
 
 
 def _pad(t: torch.Tensor, seq: int) -> torch.Tensor:

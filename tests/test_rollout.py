@@ -128,3 +128,88 @@ def test_sglang_engine_matches_transformers_engine(tmp_path):
         assert not math.isnan(engine.generate([[5, 6, 7]], params)[0].logprobs[0])
     finally:
         engine.shutdown()
+
+
+def test_sglang_engine_releases_and_resumes_only_in_turn():
+    """Issue 5: wake() on an engine never slept (the first weight sync) must not call sglang's resume, and
+    sleep() twice (the last step, then shutdown) releases once."""
+    from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine
+
+    calls = []
+
+    class FakeSGLang:
+        def release_memory_occupation(self):
+            calls.append("release")
+
+        def resume_memory_occupation(self):
+            calls.append("resume")
+
+    engine = object.__new__(SGLangRolloutEngine)  # its __init__ starts a real sglang.Engine on a GPU
+    engine.engine, engine.asleep = FakeSGLang(), False
+    engine.wake()
+    assert calls == []
+    engine.sleep()
+    engine.sleep()
+    engine.wake()
+    engine.wake()
+    engine.sleep()
+    assert calls == ["release", "resume", "release"]
+
+
+def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(monkeypatch):
+    """Issue 5: Trainer.run's order of rollout and training phases, with the phases and the run faked (no
+    process groups)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from megatron_gopd.trainer import StepData, Trainer
+
+    calls = []
+
+    class Rollout:
+        def sleep(self):
+            calls.append("sleep")
+
+        def sync_weights(self):
+            calls.append("sync")
+
+    class Logger:
+        @contextlib.contextmanager
+        def phase(self, name):
+            calls.append(name)
+            yield
+
+        def log(self, step, metrics, **kwargs):
+            calls.append("log")
+
+    class FakeTrainer(Trainer):
+        def rollout(self, step):
+            return StepData([], [], [[5, 6]], ["length"], 4)
+
+        def add_old_logprobs(self, data):
+            pass
+
+        def add_frozen_logprobs(self, data):
+            pass
+
+        def add_advantages(self, data):
+            return {}
+
+        def update(self, data):
+            calls.append("train_step")
+            return {}
+
+        def save(self, step):
+            pass
+
+    cfg = SimpleNamespace(eval=SimpleNamespace(interval=0), train=SimpleNamespace(steps=2),
+                          checkpoint=SimpleNamespace(interval=100), algo=SimpleNamespace(updates_per_batch=1))
+    run = SimpleNamespace(config=cfg, trainer_state={}, start_step=0, rollout=Rollout(), logger=Logger(),
+                          dataset=SimpleNamespace(report=SimpleNamespace(as_metrics=dict)),
+                          student=SimpleNamespace(pgc=SimpleNamespace(dp=None)), shutdown=lambda: calls.append("end"))
+    trainer = FakeTrainer(run)
+    trainer._stop_agreed = lambda: False
+    monkeypatch.setattr("megatron_gopd.trainer._sum_over", lambda value, group: value)
+    trainer.run()
+    step = ["rollout", "sleep", "old_logprobs", "teachers", "update", "train_step", "weight_sync", "sync", "log"]
+    assert calls == ["sync"] + step + step + ["checkpoint", "end"]

@@ -42,3 +42,33 @@ def test_tokenizer_mismatch_is_caught_naming_both_models(tiny_checkpoints, tmp_p
     swapped.save_pretrained(other / "hf")
     with pytest.raises(TokenizerMismatchError, match=r"math \(.*other\).*student"):
         check_same_tokenizer({"student": str(tiny_checkpoints / "student"), "math": str(other)})
+
+
+def _hf_dir(path, config: dict, tokenizer_vocab: int = 250):
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer(tokenizer_vocab).save_pretrained(path)
+    return path
+
+
+def test_tokenizer_check_needs_only_tokenizer_and_vocab_size_for_an_sglang_moe_teacher(tmp_path):
+    """Issue 6/8: an SGLang teacher of an architecture we cannot build (qwen3_moe) still passes the check."""
+    from megatron_gopd.models.architectures import ModelDims, UnsupportedModelError
+    from megatron_gopd.teachers.frozen import tokenizer_fingerprint
+    from tests.tiny import TINY_CONFIGS
+
+    moe_cfg = {"model_type": "qwen3_moe", "vocab_size": 250, "hidden_size": 64, "num_experts": 8,
+               "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4}
+    teacher = _hf_dir(tmp_path / "moe", moe_cfg)
+    _hf_dir(tmp_path / "student" / "hf", dict(TINY_CONFIGS["qwen3"]))
+    with pytest.raises(UnsupportedModelError):
+        ModelDims.from_hf(teacher)
+    size, digest = tokenizer_fingerprint(str(teacher))
+    assert size == 256 and (size, digest) == tokenizer_fingerprint(str(tmp_path / "student"))
+    check_same_tokenizer({"student": str(tmp_path / "student"), "strong": str(teacher)})
+    # the config's vocab size still counts: a padded vocab of 384 is a mismatch
+    big = _hf_dir(tmp_path / "big", dict(moe_cfg, vocab_size=300))
+    with pytest.raises(TokenizerMismatchError, match="padded vocab size 384"):
+        check_same_tokenizer({"student": str(tmp_path / "student"), "big": str(big)})

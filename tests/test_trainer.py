@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import ROOT
 
-VOLATILE = ("time/", "memory/", "data/")  # per process, not per step
+VOLATILE = ("time/", "throughput/", "memory/", "data/")  # per process, not per step
 
 
 def write_run(tmp_path: Path, ckpts: Path, **overrides) -> Path:
@@ -81,7 +81,13 @@ def test_run_writes_logs_and_checkpoints_then_resumes_exactly(tiny_checkpoints, 
         m = straight[step]
         assert m["teacher/math/samples"] + m["teacher/code/samples"] == 4
         assert m["loss"] is not None and abs(m["mismatch/abs_mean"]) < 1e-4 and m["grad_norm"] > 0
+        # responses cut at max_new_tokens=12 are counted (a random tiny model rarely stops on its own)
+        assert 0 < m["rollout/truncated_frac"] <= 1 and 0 < m["rollout/response_length"] <= 12
     assert "eval/math/avg@2" in straight[2]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for m in logged[1:]:  # tokens/s per phase, next to the phase times
+        assert m["throughput/rollout_tokens_per_s"] > 0 and m["throughput/update_tokens_per_s"] > 0
+        assert m["time/rollout_s"] > 0 and m["time/update_s"] > 0
 
     # the same run in two halves: 2 steps, stop, resume, 2 more
     halves = write_run(tmp_path / "halves", tiny_checkpoints, train__steps=2)

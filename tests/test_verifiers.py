@@ -445,3 +445,23 @@ def test_domain_metrics():
     })
     with pytest.raises(ValueError, match="different sample counts"):
         domain_metrics([("math", "a", True), ("math", "a", True), ("math", "b", False)])
+
+
+def test_summarize_reports_each_data_file_apart_from_the_domains():
+    """Issue 8: two files of one domain (uids "path:line" / "path#row") get their own dataset/<stem>/ metrics."""
+    from megatron_gopd.eval.harness import dataset_of, summarize
+
+    def record(uid, correct, finish="stop"):
+        return {"uid": uid, "domain": "math", "correct": correct, "length": 3, "finish": finish, "response": ""}
+
+    records = [record("/d/aime24.jsonl:1", True), record("/d/aime24.jsonl:1", False, "length"),
+               record("/d/aime24.jsonl:2", True), record("/d/aime24.jsonl:2", True),
+               record("/d/math500.parquet#0", False), record("/d/math500.parquet#0", False)]
+    assert dataset_of("/d/x.v2/math500.parquet#12") == "math500" and dataset_of("rel/aime24.jsonl:3") == "aime24"
+    metrics = summarize(records, ks=(1, 2))
+    assert metrics == pytest.approx({
+        "math/avg@2": 0.5, "math/pass@1": 0.5, "math/pass@2": 2 / 3,
+        "math/response_length": 3.0, "math/truncated_frac": 1 / 6,
+        "dataset/aime24/avg@2": 0.75, "dataset/aime24/pass@1": 0.75, "dataset/aime24/pass@2": 1.0,
+        "dataset/math500/avg@2": 0.0, "dataset/math500/pass@1": 0.0, "dataset/math500/pass@2": 0.0,
+    })

@@ -37,8 +37,8 @@ def main(argv=None) -> None:
     metrics, records = evaluate_hf_model(
         args.model, args.data, n=args.n, ks=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len, batch_size=args.batch_size, seed=args.seed)
-    domains = sorted({name.split("/")[0] for name in metrics})
-    columns = sorted({name.split("/", 1)[1] for name in metrics})
+    domains = sorted({name.rsplit("/", 1)[0] for name in metrics})  # and "dataset/<file stem>" rows
+    columns = sorted({name.rsplit("/", 1)[1] for name in metrics})
     print("| domain | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for domain in domains:

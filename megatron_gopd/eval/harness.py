@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from pathlib import PurePosixPath
 from typing import Callable
 
 from megatron_gopd.data.prompts import PromptItem
@@ -50,9 +52,18 @@ def generate_and_verify(
     ]
 
 
+def dataset_of(uid: str) -> str:
+    """The data file's stem of a PromptItem uid ("path:line" or "path#row")."""
+    return PurePosixPath(re.sub(r"(:\d+|#\d+)$", "", uid)).stem
+
+
 def summarize(records: list[dict], ks=(1,)) -> dict[str, float]:
-    """avg@n and pass@k per domain and their mean, plus mean response length and truncation rate per domain."""
+    """avg@n and pass@k per domain and their mean, plus mean response length and truncation rate per domain;
+    and avg@n and pass@k per data file, as "dataset/<file stem>/..."."""
     metrics = domain_metrics(((r["domain"], r["uid"], r["correct"]) for r in records), ks=ks)
+    files = {dataset_of(r["uid"]) for r in records}
+    per_file = domain_metrics(((dataset_of(r["uid"]), r["uid"], r["correct"]) for r in records), ks=ks)
+    metrics.update({f"dataset/{k}": v for k, v in per_file.items() if k.split("/")[0] in files})  # not "mean/"
     lengths, truncated = defaultdict(list), defaultdict(list)
     for r in records:
         lengths[r["domain"]].append(r["length"])

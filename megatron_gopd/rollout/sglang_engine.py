@@ -72,6 +72,7 @@ class SGLangRolloutEngine:
 
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.bucket_bytes = bucket_bytes
+        self.asleep = False
         self.engine = sglang.Engine(
             model_path=hf_dir,
             dtype=dtype,
@@ -105,10 +106,16 @@ class SGLangRolloutEngine:
         self.engine.flush_cache()
 
     def sleep(self) -> None:
-        self.engine.release_memory_occupation()
+        """Releases the engine's weights and KV cache for training; a second sleep is a no-op."""
+        if not self.asleep:
+            self.engine.release_memory_occupation()
+            self.asleep = True
 
     def wake(self) -> None:
-        self.engine.resume_memory_occupation()
+        """Resumes only after a release (sglang fails on a resume of memory it still holds)."""
+        if self.asleep:
+            self.engine.resume_memory_occupation()
+            self.asleep = False
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -49,13 +49,19 @@ class FrozenModel(ParallelModel):
 
 
 def tokenizer_fingerprint(model_path: str) -> tuple[int, str]:
-    """(padded vocab size, hash of the token -> id map) of a model checkpoint's tokenizer."""
+    """(padded vocab size, hash of the token -> id map) of a model checkpoint's tokenizer. Reads only the
+    tokenizer and config.json's vocab_size, so that a teacher served by SGLang may be of an architecture this
+    trainer cannot build (e.g. qwen3_moe)."""
     from transformers import AutoTokenizer
 
     hf_dir = Path(model_path) / "hf" if (Path(model_path) / "hf").is_dir() else Path(model_path)
     vocab = AutoTokenizer.from_pretrained(hf_dir).get_vocab()
     digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
-    return padded_vocab_size(ModelDims.from_hf(hf_dir).vocab_size), digest
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    vocab_size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if not vocab_size:
+        raise ValueError(f"{hf_dir / 'config.json'} has no vocab_size")
+    return padded_vocab_size(vocab_size), digest
 
 
 class TokenizerMismatchError(ValueError):
