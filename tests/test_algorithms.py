@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 from tests.test_trainer import launch, metrics
 from tests.tiny import save_tiny_hf
 
@@ -55,3 +55,50 @@ def test_sft_fits_the_dataset_responses(small_vocab_model, tmp_path):
     m = metrics(tmp_path / "run")
     assert m[1]["sft/nll"] > 1.0
     assert m[10]["sft/nll"] < 0.2 * m[1]["sft/nll"]
+
+
+def write_varied_prompts(path):
+    """Prompts of 1 to 5 words (3 to 7 tokens with the chat template) whose reward is exact: "t7", and nothing else
+    but special tokens (EOS included)."""
+    rows = [{"prompt": " ".join(f"t{5 + (i * 3 + 2 * k) % 11}" for k in range(1 + i % 5)), "domain": "toy",
+             "answer": "t7", "verifier": "exact"} for i in range(32)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_grpo_raises_the_reward_with_multi_token_responses_and_padding(small_vocab_model, tmp_path):
+    """GRPO where credit must reach the right tokens of the right rows: responses of up to 4 tokens (the reward
+    needs "t7" followed only by special tokens or EOS, so the tokens after the first matter too), prompts of 3 to 7 tokens
+    (left-padded in the rollout, right-padded for training), and a step of 64 rows that spans 2 rollout chunks and
+    4 micro-batches. A sign error, advantages on the wrong groups, or advantages shifted off each response's first
+    token fail it (checked by injecting each); the next test checks the exact placement of the advantages."""
+    write_varied_prompts(tmp_path / "varied.jsonl")
+    path = config(small_vocab_model, tmp_path, name="grpo", tis_cap=5.0, aggregation="seq-mean-token-mean")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["rollout"].update(max_new_tokens=4, chunk_size=32)
+    cfg["data"]["train"] = [str(tmp_path / "varied.jsonl")]
+    cfg["train"]["steps"] = 12  # a step takes about half a second; start-up dominates
+    path.write_text(yaml.safe_dump(cfg))
+    result = launch(path, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(tmp_path / "run")
+    rewards = [round(m[s]["grpo/reward"], 3) for s in range(1, 13)]
+    assert max(rewards[:2]) < 0.1, rewards  # the initial policy: about 1 sample in 60
+    assert sum(rewards[-2:]) / 2 > 0.6, rewards  # about 0.95 here
+
+
+def test_grpo_advantages_and_gradient_land_on_each_rows_response_tokens(small_vocab_model, tmp_path):
+    """One GRPO step on 2 DP ranks, each with 2 rollout chunks and 4 micro-batches of prompts of different lengths,
+    checked from outside (tests/dist/grpo_alignment.py): the advantages sit on exactly each row's response tokens with
+    that row's group-normalised reward, and the update's gradient is the GRPO surrogate's, recomputed on the HF
+    copy of the weights (same norm; Adam's first step lowers it by lr * |g|_1)."""
+    write_varied_prompts(tmp_path / "varied.jsonl")
+    out = run_torchrun("grpo_alignment.py", 2, "--ckpt", str(small_vocab_model / "ckpt"), "--data",
+                       str(tmp_path / "varied.jsonl"), "--workdir", str(tmp_path), tmp_path=tmp_path)
+    assert out["dp"] == 2 and out["micro_batches"] == 4 and out["rows"] == 64
+    assert len({n for rank in out["ranks"] for n in rank["prompt_lengths"]}) > 1
+    assert max(n for rank in out["ranks"] for n in rank["response_lengths"]) > 1
+    assert max(rank["max_advantage_error"] for rank in out["ranks"]) < 1e-6
+    assert out["grad_norm"] > 0
+    assert abs(out["grad_norm"] - out["reference_grad_norm"]) < 1e-4 * out["reference_grad_norm"], out
+    assert out["descent_ratio"] > 0.95, out  # 1.0 up to Adam's eps and second order; wrong rows give about 0
+    assert abs(out["descent_ratio_shuffled"]) < 0.5, out
