@@ -70,11 +70,7 @@ class Trainer:
                     metrics.update(self.evaluate())
             if step == r.start_step:
                 metrics.update(r.dataset.report.as_metrics())  # what the data loader kept and dropped, and why
-            dp = r.student.pgc.dp
-            updated = "faults/skipped_step" not in metrics
-            r.logger.log(step + 1, metrics, tokens={  # over all replicas, for throughput/<phase>_tokens_per_s
-                "rollout": _sum_over(sum(map(len, data.responses)), dp),
-                "update": _sum_over(data.tokens * cfg.algo.updates_per_batch if updated else 0, dp)})
+            r.logger.log(step + 1, metrics, tokens=self.tokens_per_phase(data, metrics))
             last = step + 1 == cfg.train.steps or self._stop_agreed()
             if last or (step + 1) % cfg.checkpoint.interval == 0:
                 with r.logger.phase("checkpoint"):
@@ -237,6 +233,12 @@ class Trainer:
             raise RuntimeError(f"{self.consecutive_skips} consecutive steps were skipped (last: {why}); stopping. "
                                "See faults/* in metrics.jsonl")
         return {"faults/skipped_step": 1.0}
+
+    def tokens_per_phase(self, data: StepData, metrics: dict) -> dict[str, float]:
+        """Tokens each phase handled, over all replicas: the logger turns them into throughput/<phase>_tokens_per_s."""
+        dp, updated = self.run_.student.pgc.dp, "faults/skipped_step" not in metrics
+        return {"rollout": _sum_over(sum(map(len, data.responses)), dp),
+                "update": _sum_over(data.tokens * self.cfg.algo.updates_per_batch if updated else 0, dp)}
 
     # ---- eval, checkpoint, shutdown --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
