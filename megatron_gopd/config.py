@@ -114,6 +114,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     interval: int = 0  # 0: no evaluation during training
+    at_start: bool = True  # also evaluate the initial model (when interval > 0)
     n: int = 4
     max_prompts: int = 256
     temperature: float = 1.0

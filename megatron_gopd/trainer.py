@@ -50,7 +50,7 @@ class Trainer:
     def run(self) -> None:
         r, cfg = self.run_, self.cfg
         r.rollout.sync_weights()
-        if cfg.eval.interval and r.start_step == 0:
+        if cfg.eval.interval and cfg.eval.at_start and r.start_step == 0:
             r.logger.log(0, self.evaluate(), advance=False)
         for step in range(r.start_step, cfg.train.steps):
             with r.logger.phase("rollout"):  # each finished micro-batch streams to its teachers at once

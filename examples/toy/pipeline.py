@@ -78,7 +78,7 @@ MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 384, "
          "num_key_value_heads": 2}
 PROFILES = {
     "full": Profile(sizes={"test": 150, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
-                    model=MODEL, pretrain_steps=400, teacher_steps=40, distill_steps=24, seeds=(1, 2, 3),
+                    model=MODEL, pretrain_steps=400, teacher_steps=40, distill_steps=20, seeds=(1, 2, 3),
                     lambdas=(0.5, 1.0, 1.25, 1.5), eval_n=4),
     "quick": Profile(sizes={"test": 16, "val": 8, "train": 64, "pretrain": 400}, difficulty=DIFFICULTY,
                      model=MODEL, pretrain_steps=30, teacher_steps=4, distill_steps=2, seeds=(1,),
@@ -262,7 +262,8 @@ class Pipeline:
             return
         width = max(1, self.jobs // max(job.nproc for job in todo))
         with ThreadPoolExecutor(max_workers=width) as pool, \
-                tqdm(total=sum(job.steps for job in todo), desc=stage, unit="step", dynamic_ncols=True) as bar:
+                tqdm(total=sum(job.steps for job in todo), desc=stage, dynamic_ncols=True,
+                     unit="step" if any(job.metrics for job in todo) else "job") as bar:
             running = {pool.submit(self.run_job, job): job for job in todo}
             while running:
                 finished, _ = wait(running, timeout=2, return_when=FIRST_COMPLETED)
