@@ -75,7 +75,7 @@ def test_splits_are_disjoint_and_combined_files_shuffle_both_domains(data_dir):
         for domain in ("math", "code"):
             rows = read_rows(data_dir / domain / f"{split}.jsonl")
             assert len(rows) == n and {r["domain"] for r in rows} == {domain}
-            assert set(rows[0]) == {"prompt", "domain", "answer", "solution", "num_ops"}
+            assert set(rows[0]) == {"prompt", "domain", "answer", "verifier", "solution", "num_ops"}
             per_domain += rows
             all_prompts += [r["prompt"] for r in rows]
             assert manifest["files"][f"{domain}/{split}.jsonl"]["rows"] == n
