@@ -249,9 +249,10 @@ class Pipeline:
                 node = node.setdefault(key, {})
             node[leaf] = value
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        # the trainer writes its resolved config.yaml there; this file is what the pipeline asked for
+        (workdir / "pipeline.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         return Job(name, [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                          "-m", "megatron_gopd.train", "--config", str(workdir / "config.yaml")], nproc,
+                          "-m", "megatron_gopd.train", "--config", str(workdir / "pipeline.yaml")], nproc,
                    steps=config["train"]["steps"], metrics=workdir / "metrics.jsonl")
 
     def run_jobs(self, stage: str, jobs: list[Job]) -> None:
