@@ -24,6 +24,7 @@ from megatron_gopd.models.builder import DTYPES, build_model
 from megatron_gopd.models.parallel_model import TrainableModel
 from megatron_gopd.rollout.base import Sample, SamplingParams
 from megatron_gopd.rollout.colocated import ColocatedRollout
+from megatron_gopd.runtime.distributed import device
 from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout
 from megatron_gopd.teachers.frozen import FrozenModel, check_same_tokenizer
 from megatron_gopd.teachers.service import FrozenScorer, serve_frozen_model
@@ -134,9 +135,13 @@ class Run:
         return [o for o in owners if o] + (["reference"] if self.config.uses_reference() else [])
 
     def full_vocab_kl(self, mb, student_logits: torch.Tensor) -> torch.Tensor:
-        """Exact per-token KL to the G-OPD target, from colocated teachers' logits on the same vocab shards."""
+        """Exact per-token KL to the G-OPD target, from colocated teachers' logits on the same vocab shards.
+
+        Called inside the student's loss function: `mb` and the logits are on the model's device."""
         cfg, tokens = self.config, mb["tokens"]
-        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+        for model in self.colocated.values():  # the scorer parks them in host memory after scoring (GPU)
+            model.onload()
         with torch.no_grad():
             teacher_logits = torch.empty_like(student_logits)
             for t, name in enumerate(self.teacher_names):
@@ -242,8 +247,7 @@ def _make_engine(cfg: RunConfig, is_leader: bool):
                                    bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
     from megatron_gopd.rollout.hf_engine import HFRolloutEngine
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    return HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device)
+    return HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device())
 
 
 def signal_ignore_sigterm() -> None:

@@ -32,16 +32,25 @@ def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: f
     return json.loads(out.read_text())
 
 
+def make_tiny_checkpoints(root: Path, dtype: str = "fp32") -> Path:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(DIST_SCRIPTS / "make_checkpoints.py"), "--out", str(root),
+                           "--dtype", dtype], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> Path:
     """Tiny qwen3 models as HF dirs (<root>/hf/<name>) and megatron-gopd checkpoints (<root>/<name>):
     a student, a math and a code teacher, and a teacher base model, sharing one tokenizer."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(DIST_SCRIPTS / "make_checkpoints.py"), "--out", str(root)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return root
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints_bf16(tmp_path_factory) -> Path:
+    """The same models, with bf16 megatron-gopd checkpoints (a bf16 student, teacher or reference loads these)."""
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints-bf16"), "bf16")
 
 
 def pytest_collection_modifyitems(config, items):

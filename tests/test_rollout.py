@@ -110,6 +110,7 @@ def test_weight_buckets_respect_the_size_and_keep_order():
 
 @pytest.mark.gpu
 def test_sglang_engine_matches_transformers_engine(tmp_path):
+    pytest.importorskip("sglang", reason="needs the gpu extra (SGLang)")
     from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine
 
     hf = tiny_hf_model("qwen3", seed=1).to(torch.bfloat16)

@@ -73,6 +73,7 @@ def test_errors_name_the_server():
 
 @pytest.mark.gpu
 def test_against_a_real_sglang_server(tmp_path):
+    pytest.importorskip("sglang", reason="needs the gpu extra (SGLang)")
     import subprocess
     import sys
     import time

@@ -2,6 +2,7 @@
 in the middle of a checkpoint save, and rejects bad configs before training."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -173,3 +174,34 @@ def test_full_vocab_loss_trains_at_tp2(tiny_checkpoints, tmp_path):
     # the exact KL to softmax(lam z_T + (1 - lam) z_ref) is positive and falls as the student moves toward it
     assert 0 < m[2]["actor/full_vocab_kl"] < m[1]["actor/full_vocab_kl"]
     assert m[1]["grad_norm"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 1e-3), ("bf16", 5e-2)])
+def test_trains_and_resumes_on_one_gpu(dtype, tolerance, request, tmp_path):
+    """The whole trainer on one CUDA device (NCCL + gloo): the student, the colocated teachers and the reference
+    in `dtype`, the rollout engine on the GPU. The engine's log-probs must match the student's (mismatch) to
+    `tolerance` (fp32: the same function; bf16: two implementations' rounding), and a resumed run goes on."""
+    ckpts = request.getfixturevalue("tiny_checkpoints" if dtype == "fp32" else "tiny_checkpoints_bf16")
+    teachers = [{"name": name, "path": str(ckpts / name), "domains": [name], "dtype": dtype}
+                for name in ("math", "code")]
+    config = write_run(tmp_path, ckpts, train__steps=2, student__dtype=dtype, reference={"dtype": dtype},
+                       teachers=teachers)
+    done = launch(config, nproc=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    m = metrics(run)
+    assert sorted(m) == [0, 1, 2] and "eval/math/avg@2" in m[2]
+    for step in (1, 2):
+        assert m[step]["loss"] is not None and math.isfinite(m[step]["loss"]), m[step]
+        assert m[step]["grad_norm"] > 0, m[step]
+        assert abs(m[step]["mismatch/abs_mean"]) < tolerance, m[step]
+        assert m[step]["teacher/math/samples"] + m[step]["teacher/code/samples"] == 4
+
+    resumed = launch(config, "--resume", "auto", "train.steps=3", nproc=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 2" in resumed.stdout + resumed.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    last = metrics(run)[3]
+    assert math.isfinite(last["loss"]) and last["grad_norm"] > 0 and abs(last["mismatch/abs_mean"]) < tolerance

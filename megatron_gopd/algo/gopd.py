@@ -159,7 +159,7 @@ class Stat:
     @staticmethod
     def total_of(value: torch.Tensor | float) -> Stat:
         value = torch.as_tensor(value).detach().double()
-        return Stat(value, torch.ones((), dtype=torch.float64), "sum")
+        return Stat(value, torch.ones((), dtype=torch.float64, device=value.device), "sum")
 
     @staticmethod
     def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> Stat:

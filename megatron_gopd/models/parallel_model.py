@@ -5,10 +5,16 @@ ProcessGroupCollection, so the same code runs a student, a dedicated teacher or 
 
 Per-token tensors are aligned with the tokens: entry t of a [batch, seq] tensor is about token t given the
 tokens before it (entry 0, which has no context, is 0).
+
+Devices: the trainer's tensors (rollout batches, old log-probs, advantages, masks, teacher scores) live on the
+CPU. This class is the one boundary: `run` moves each micro-batch to the model's device as the schedule takes it,
+the loss function computes there, and whatever leaves `run` (the loss function's metrics, `token_logprobs`) is
+returned on the CPU. On a CPU-only machine both moves are no-ops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +31,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
 from megatron_gopd.config import OptimConfig
 from megatron_gopd.models.architectures import ModelDims
-from megatron_gopd.runtime.distributed import collectives_scoped_to
+from megatron_gopd.runtime.distributed import collectives_scoped_to, device
 
 MicroBatch = dict[str, torch.Tensor]  # "tokens" [b, s] plus any per-token inputs of the loss
 # (micro-batch, logprobs [b, s], entropy [b, s] | None, logits shard [b, s, V/tp]) -> (loss, metrics)
@@ -42,6 +48,37 @@ def shifted_token_logprobs(
     )
     pad = lp.new_zeros(lp.shape[0], 1)
     return torch.cat([pad, lp], 1), (torch.cat([pad, ent], 1) if ent is not None else None)
+
+
+def to_device(mb: MicroBatch, target: torch.device) -> MicroBatch:
+    """The micro-batch's tensors on `target` (the same dict's tensors, unchanged, when they are there already)."""
+    return {k: v.to(target, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+
+
+def to_host(obj):
+    """The tensors in `obj` (dicts, lists, tuples, dataclasses such as Stat) as CPU tensors; CPU tensors are
+    returned as they are. Copies from the GPU are queued without waiting and synchronised once at the end."""
+    copied = []
+
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu":
+                return x
+            copied.append(x)
+            return x.to("cpu", non_blocking=True)  # into pinned memory: valid after the synchronize below
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v) for v in x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return dataclasses.replace(x, **{f.name: move(getattr(x, f.name)) for f in dataclasses.fields(x)
+                                             if f.init})
+        return x
+
+    out = move(obj)
+    if copied:
+        torch.cuda.synchronize()
+    return out
 
 
 @dataclass
@@ -66,12 +103,15 @@ class ParallelModel:
     def run(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float, forward_only: bool,
             with_entropy: bool = True) -> list[dict]:
         """Runs megatron's schedule over the micro-batches (all of one shape). Returns, on the last pipeline
-        stage, each micro-batch's metrics dict; elsewhere an empty list."""
+        stage, each micro-batch's metrics dict, its tensors on the CPU; elsewhere an empty list.
+
+        Each micro-batch reaches `loss_fn` with its tensors on the model's device, as do the log-probs."""
         pgc, config = self.pgc, self.gpt.config
         batch, seq = micro_batches[0]["tokens"].shape
+        target = device()
 
         def forward_step(data_iterator, model):
-            mb = next(data_iterator)
+            mb = to_device(next(data_iterator), target)
             tokens = mb["tokens"]
             positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
             output = model(tokens, positions, None)
@@ -88,7 +128,7 @@ class ParallelModel:
         pp = pgc.pp.size()
         schedule = get_forward_backward_func(pp_size=pp, vp_size=None)
         extra = {"p2p_communicator": P2PCommunicator(pp_group=pgc.pp, config=config)} if pp > 1 else {}
-        return schedule(
+        outputs = schedule(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),
             model=[self.module],
@@ -99,10 +139,12 @@ class ParallelModel:
             pg_collection=pgc,
             **extra,
         )
+        return to_host(outputs)
 
     @torch.no_grad()
     def token_logprobs(self, micro_batches: list[MicroBatch], *, temperature: float = 1.0) -> list[torch.Tensor]:
-        """Per-token log-probs [b, s] of each micro-batch, on every rank of the model's TP x PP group."""
+        """Per-token log-probs [b, s] of each micro-batch, as fp32 CPU tensors, on every rank of the model's
+        TP x PP group."""
         def keep(mb, lp, ent, logits):
             return lp.new_zeros(()), {"logprobs": lp}
 
@@ -183,7 +225,7 @@ class TrainableModel(ParallelModel):
 
     def _grads_finite(self) -> bool:
         """Checks the reduced gradients in DDP's buffers on every rank of the role, before any update."""
-        bad = torch.zeros(1)
+        bad = torch.zeros(1, device=device())  # beside the buffers: one all-reduce, one sync
         for buffer in self.module.buffers + self.module.expert_parallel_buffers:
             bad += (~torch.isfinite(buffer.grad_data)).any().float()
         dist.all_reduce(bad, group=self.role_world)

@@ -21,7 +21,7 @@ def device() -> torch.device:
 
 
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's env (NCCL on GPU, gloo on CPU); returns (rank, world).
+    """Initialise torch.distributed from torchrun's env (NCCL + gloo on GPU, gloo on CPU); returns (rank, world).
 
     A plain `python` launch runs as a world of one, so every entry point also works without torchrun.
     """
@@ -35,9 +35,12 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
             os.environ["MASTER_PORT"] = str(_free_port())
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s)
-        )
+        # On a GPU, one process group per device type: CUDA tensors (the model's collectives, p2p, grads) go
+        # through NCCL, CPU tensors (metric reductions, object collectives, checkpoint coordination, the
+        # teacher wire) through gloo. megatron's HyperCommGrid and our subgroups pass backend=None, so every
+        # group inherits both. On CPU, gloo alone.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -29,6 +29,7 @@ class FrozenModel(ParallelModel):
         self._offloaded = False
 
     def score(self, micro_batches: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
+        """Per-token log-probs [b, s] of each micro-batch, as CPU tensors (see ParallelModel.token_logprobs)."""
         self.onload()
         self.forward_calls += len(micro_batches)
         self.samples_scored += sum(mb["tokens"].shape[0] for mb in micro_batches)
@@ -39,6 +40,7 @@ class FrozenModel(ParallelModel):
         if torch.cuda.is_available() and not self._offloaded:
             for p in self.gpt.parameters():
                 p.data = p.data.to("cpu", non_blocking=True).pin_memory()
+            torch.cuda.synchronize()  # the asynchronous copies must land before anything reads the host copies
             self._offloaded = True
 
     def onload(self) -> None:

@@ -14,7 +14,8 @@ MODELS = {"student": ("qwen3", 0), "math": ("qwen3", 1), "code": ("qwen3", 2), "
 if __name__ == "__main__":  # dist_checkpointing's writer spawns processes that re-import this module
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="of the megatron checkpoints")
     args = parser.parse_args()
     for name, (arch, seed) in MODELS.items():
         save_tiny_hf(arch, f"{args.out}/hf/{name}", seed=seed)
-        convert(["--hf-dir", f"{args.out}/hf/{name}", "--save-dir", f"{args.out}/{name}"])
+        convert(["--hf-dir", f"{args.out}/hf/{name}", "--save-dir", f"{args.out}/{name}", "--dtype", args.dtype])
