@@ -107,6 +107,9 @@ def test_bad_difficulty_knobs_are_named():
     with pytest.raises(ValueError, match="unknown toy domain 'chess'"):
         sample("chess", random.Random(0))
     assert config_from_overrides("math", {"detail_prob": "0.25"}) == MathConfig(detail_prob=0.25)
+    with pytest.raises(ValueError, match="list_ops must name some of rev, sort"):
+        config_from_overrides("code", {"list_ops": "rev,reverse"})
+    assert config_from_overrides("code", {"list_ops": "rev,take"}) == CodeConfig(list_ops="rev,take")
 
 
 # ---------------------------------------------------------------- math
@@ -202,7 +205,8 @@ def test_dsl_errors_name_the_problem(program, message):
         run_program(program)
 
 
-@pytest.mark.parametrize("config", [CodeConfig(), CodeConfig(min_ops=1, max_ops=6, string_prob=0.5, reduce_prob=1.0)])
+@pytest.mark.parametrize("config", [CodeConfig(), CodeConfig(min_ops=1, max_ops=6, string_prob=0.5, reduce_prob=1.0),
+                                    CodeConfig(string_prob=0.0, list_ops="rev,take")])
 def test_code_solutions_trace_the_program(config):
     rng = random.Random(2)
     for _ in range(400):
@@ -212,6 +216,8 @@ def test_code_solutions_trace_the_program(config):
         assert last == f"Answer: {problem.answer}"
         assert [line.split(": ")[0] for line in lines] == ops
         assert len(ops) == problem.num_ops and config.min_ops <= len(ops) <= config.max_ops
+        if config.list_ops != "all":  # only the chosen list ops, besides the final reductions
+            assert {op.split("(")[0] for op in ops} <= {*config.allowed_list_ops(), "sum", "max", "min", "len"}, ops
         if lines[-1].startswith("sum: "):  # the running total must add up
             assert len({eval(side) for side in lines[-1][len("sum: "):].split("=")}) == 1
         else:

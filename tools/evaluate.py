@@ -2,6 +2,9 @@
 
     python tools/evaluate.py --model student-hf --data test.jsonl --n 4 [--temperature 1.0] [--out results.json]
 
+Several seeds (`--seed 1 2 3 --out results-s{seed}.json`) are evaluated in one process, one file per seed: the
+imports cost more than a small model's evaluation.
+
 Math is graded with math-verify, code by running the row's tests in the sandbox, other domains by exact match
 (see megatron_gopd.eval.harness.verifier_kind).
 """
@@ -23,9 +26,13 @@ def parse_args(argv=None):
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--max-prompt-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the metrics and every sample's record here (JSON)")
-    return parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one evaluation per seed")
+    parser.add_argument("--out", help="write the metrics and every sample's record here (JSON); with several "
+                                      "seeds it must contain {seed}")
+    args = parser.parse_args(argv)
+    if len(args.seed) > 1 and args.out and "{seed}" not in args.out:
+        parser.error(f"--out {args.out}: with several seeds it must contain {{seed}}")
+    return args
 
 
 def main(argv=None) -> None:
@@ -34,9 +41,17 @@ def main(argv=None) -> None:
         sys.exit(f"error: --model {args.model}: no config.json (a HF model directory is expected)")
     from megatron_gopd.eval.harness import evaluate_hf_model
 
-    metrics, records = evaluate_hf_model(
-        args.model, args.data, n=args.n, ks=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len, batch_size=args.batch_size, seed=args.seed)
+    for seed in args.seed:
+        metrics, records = evaluate_hf_model(
+            args.model, args.data, n=args.n, ks=args.k, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len,
+            batch_size=args.batch_size, seed=seed)
+        if len(args.seed) > 1:
+            print(f"seed {seed}")
+        report(metrics, records, args, seed)
+
+
+def report(metrics: dict, records: list[dict], args, seed: int) -> None:
     domains = sorted({name.rsplit("/", 1)[0] for name in metrics})  # and "dataset/<file stem>" rows
     columns = sorted({name.rsplit("/", 1)[1] for name in metrics})
     print("| domain | " + " | ".join(columns) + " |")
@@ -44,9 +59,10 @@ def main(argv=None) -> None:
     for domain in domains:
         print(f"| {domain} | " + " | ".join(f"{metrics.get(f'{domain}/{c}', float('nan')):.4g}" for c in columns) + " |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": str(args.model), "n": args.n, "metrics": metrics,
-                                              "samples": records}, indent=1))
+        out = Path(args.out.format(seed=seed))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": str(args.model), "n": args.n, "seed": seed, "metrics": metrics,
+                                   "samples": records}, indent=1))
 
 
 if __name__ == "__main__":

@@ -324,6 +324,7 @@ class CodeConfig:
     max_arg: int = 5  # the k of map(+k), map(*k), take(k), drop(k), rot(k), shift(k) is drawn in [1, max_arg]
     string_prob: float = 0.4  # chance that the input is a string rather than a list
     reduce_prob: float = 0.5  # chance that the last op reduces a list to an int (sum, max, min; len after filter/uniq)
+    list_ops: str = "all"  # the list ops drawn, comma-separated names from LIST_OPS, or "all"
 
     def __post_init__(self) -> None:
         _check_range("min_ops", self.min_ops, "max_ops", self.max_ops, lowest=1)
@@ -333,14 +334,24 @@ class CodeConfig:
         _check_range("1", 1, "max_arg", self.max_arg, lowest=1)
         _check_probability("string_prob", self.string_prob)
         _check_probability("reduce_prob", self.reduce_prob)
+        unknown = set(self.allowed_list_ops()) - set(LIST_OPS)
+        if unknown or not self.allowed_list_ops():
+            raise ValueError(f"list_ops must name some of {', '.join(LIST_OPS)} (or be 'all'), got {self.list_ops!r}")
+
+    def allowed_list_ops(self) -> tuple[str, ...]:
+        return LIST_OPS if self.list_ops == "all" else tuple(n.strip() for n in self.list_ops.split(",") if n.strip())
+
+
+LIST_OPS = ("rev", "sort", "uniq", "take", "drop", "rot", "map", "filter")
 
 
 def _list_op(rng: random.Random, config: CodeConfig) -> str:
     k = rng.randint(1, config.max_arg)
-    return rng.choice([
-        "rev", "sort", "uniq", f"take({k})", f"drop({k})", f"rot({k})", f"map(+{k})", f"map(*{k})",
-        f"filter({rng.choice(['odd', 'even'])})", f"filter({rng.choice('<>')}{rng.randint(1, config.max_item)})",
-    ])
+    ops = {"rev": ["rev"], "sort": ["sort"], "uniq": ["uniq"], "take": [f"take({k})"], "drop": [f"drop({k})"],
+           "rot": [f"rot({k})"], "map": [f"map(+{k})", f"map(*{k})"],
+           "filter": [f"filter({rng.choice(['odd', 'even'])})",
+                      f"filter({rng.choice('<>')}{rng.randint(1, config.max_item)})"]}
+    return rng.choice([op for name in config.allowed_list_ops() for op in ops[name]])
 
 
 def _string_op(rng: random.Random, config: CodeConfig) -> str:
@@ -432,7 +443,7 @@ def config_from_overrides(domain: str, overrides: dict[str, str]) -> MathConfig 
     for key, text in overrides.items():
         if key not in fields:
             raise ValueError(f"{domain} has no difficulty knob {key!r}; knobs: {', '.join(fields)}")
-        kind = int if fields[key].type in (int, "int") else float
+        kind = {"int": int, "float": float, "str": str}[getattr(fields[key].type, "__name__", fields[key].type)]
         try:
             kwargs[key] = kind(text)
         except ValueError:
