@@ -12,8 +12,8 @@ trainer run from its last checkpoint; --fresh starts over):
   hf            the base and the teachers converted to HF (for sampling, ExPO and evaluation)
   samples       each teacher's samples on its domain's train prompts (the SFT baseline's data)
   expo          ExPO, alpha = 0.5: extrapolation from the base through the teachers' mean weights
-  distill       back into the base, for each seed: SFT on teacher samples, and G-OPD at each lambda
-  evaluate      base, teachers and ExPO on the held-out split, one evaluation per seed
+  distill       back into the base, for each seed: SFT on teacher samples, and G-OPD at each lambda; side by
+                side with the evaluation of base, teachers and ExPO on the held-out split, once per seed
   report        the results table, response lengths and the lambda plot (report.py)
 
 Every trainer stage is `torchrun -m megatron_gopd.train` on a config written next to its outputs, so the toy
@@ -134,7 +134,7 @@ class Pipeline:
     def run(self) -> None:
         start = time.time()
         for stage in (self.make_data, self.make_tokenizer, self.init_model, self.pretrain, self.train_teachers,
-                      self.convert_models, self.sample_teachers, self.expo, self.distill, self.evaluate):
+                      self.convert_models, self.sample_teachers, self.expo, self.distill_and_evaluate):
             self.timed(stage)
         self.stage_seconds["total"] = time.time() - start
         self.timed(self.report)
@@ -209,20 +209,25 @@ class Pipeline:
             *(str(self.path("models", f"teacher-{d}")) for d in DOMAINS), "--alpha", "0.5",
             "--out", str(self.path("models", "expo"))])])
 
-    def distill(self) -> None:
-        jobs = []
+    def distill_and_evaluate(self) -> None:
+        """The distillation runs, and the evaluation of the models that have no trainer run of their own, in one
+        pool, longest jobs first: the short ones fill the cores the last long ones leave idle."""
+        self.run_jobs("distill", self.distill_jobs() + self.evaluation_jobs())
+
+    def distill_jobs(self) -> list[Job]:
+        gopd, sft = [], []
+        dedicated = self.ranks_per_run >= 1 + len(DOMAINS)
         for seed in self.profile.seeds:
-            jobs.append(self.trainer_job(f"sft-s{seed}", "distill.yaml", settings={
+            sft.append(self.trainer_job(f"sft-s{seed}", "distill.yaml", settings={
                 **self.distill_settings(seed), "algo.name": "sft", "teachers": [],
                 "data.train": [self.data(f"samples/{d}.jsonl") for d in DOMAINS], "data.response_key": "response"}))
-            dedicated = self.ranks_per_run >= 1 + len(DOMAINS)
             for lam in self.profile.lambdas:
-                jobs.append(self.trainer_job(f"gopd-lam{lam:g}-s{seed}", "distill.yaml",
+                gopd.append(self.trainer_job(f"gopd-lam{lam:g}-s{seed}", "distill.yaml",
                                              nproc=self.ranks_per_run if dedicated else 1, settings={
                     **self.distill_settings(seed), "algo.lam": lam,
                     "teachers": [{"name": d, "path": self.checkpoint(f"teacher-{d}"), "domains": [d],
                                   "placement": "dedicated" if dedicated else "colocated"} for d in DOMAINS]}))
-        self.run_jobs("distill", jobs)
+        return gopd + sft
 
     def distill_settings(self, seed: int) -> dict:
         return {"student.path": self.checkpoint("pretrain"), "data.train": [self.data("train.jsonl")],
@@ -233,14 +238,14 @@ class Pipeline:
                 "eval.n": self.profile.eval_n, "eval.max_prompts": len(DOMAINS) * self.profile.sizes["test"],
                 "eval.interval": self.profile.distill_steps, "rollout.max_new_tokens": self.profile.max_new_tokens}
 
-    def evaluate(self) -> None:
-        """The models that have no trainer run of their own, evaluated like a trainer's final evaluation: one
-        process per model for all seeds."""
-        self.run_jobs("evaluate", [Job(f"{name}-eval", [
+    def evaluation_jobs(self) -> list[Job]:
+        """The base, the teachers and ExPO, evaluated like a trainer's final evaluation: one process per model for
+        all seeds."""
+        return [Job(f"{name}-eval", [
             sys.executable, "tools/evaluate.py", "--model", str(self.path("models", name)),
             "--data", *self.eval_settings()["data.eval"], "--n", str(self.profile.eval_n),
             "--seed", *map(str, self.profile.seeds), "--max-new-tokens", str(self.profile.max_new_tokens),
-            "--out", str(self.path("eval", f"{name}-s{{seed}}.json"))]) for name in [*self.hf_models(), "expo"]])
+            "--out", str(self.path("eval", f"{name}-s{{seed}}.json"))]) for name in [*self.hf_models(), "expo"]]
 
     def report(self) -> None:
         results = report.write_report(self.out, seeds=self.profile.seeds, lambdas=self.profile.lambdas,

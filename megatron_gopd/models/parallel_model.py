@@ -42,12 +42,14 @@ def shifted_token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, tp_group, *, vocab_size: int, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(tokens[t] | tokens[<t]) from vocab-parallel logits, aligned with `tokens` (entry 0 is 0)."""
+    # Every position is scored against the next token (the last one against the first, then dropped): slicing
+    # the logits to [:, :-1] instead would copy the whole [b, s, V/tp] tensor whenever b > 1.
     lp, ent = token_logprobs_and_entropy(
-        logits[:, :-1], tokens[:, 1:], tp_group, vocab_size=vocab_size, temperature=temperature,
+        logits, torch.roll(tokens, -1, dims=1), tp_group, vocab_size=vocab_size, temperature=temperature,
         with_entropy=with_entropy,
     )
     pad = lp.new_zeros(lp.shape[0], 1)
-    return torch.cat([pad, lp], 1), (torch.cat([pad, ent], 1) if ent is not None else None)
+    return torch.cat([pad, lp[:, :-1]], 1), (torch.cat([pad, ent[:, :-1]], 1) if ent is not None else None)
 
 
 def to_device(mb: MicroBatch, target: torch.device) -> MicroBatch:
