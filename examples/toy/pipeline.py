@@ -83,8 +83,8 @@ DIFFICULTY = {
 MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 384, "num_attention_heads": 4,
          "num_key_value_heads": 2}
 PROFILES = {
-    "full": Profile(sizes={"test": 150, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
-                    model=MODEL, pretrain_steps=400, teacher_steps=32, distill_steps=16, seeds=(1, 2, 3),
+    "full": Profile(sizes={"test": 100, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
+                    model=MODEL, pretrain_steps=350, teacher_steps=32, distill_steps=10, seeds=(1, 2, 3),
                     lambdas=(0.5, 1.0, 1.25, 1.5), eval_n=4),
     # the test's pipeline: long enough a pretraining that GRPO has a habit to remove, with a bolder teacher lr
     "quick": Profile(sizes={"test": 64, "val": 8, "train": 256, "pretrain": 2000}, difficulty=DIFFICULTY,
@@ -211,10 +211,13 @@ class Pipeline:
 
     def distill_and_evaluate(self) -> None:
         """The distillation runs, and the evaluation of the models that have no trainer run of their own, in one
-        pool, longest jobs first: the short ones fill the cores the last long ones leave idle."""
-        self.run_jobs("distill", self.distill_jobs() + self.evaluation_jobs())
+        pool, longest jobs first (G-OPD, evaluations, SFT): the short ones fill the cores the last long ones leave
+        idle."""
+        gopd, sft = self.distill_jobs()
+        self.run_jobs("distill", gopd + self.evaluation_jobs() + sft)
 
-    def distill_jobs(self) -> list[Job]:
+    def distill_jobs(self) -> tuple[list[Job], list[Job]]:
+        """The G-OPD runs, and the SFT runs."""
         gopd, sft = [], []
         dedicated = self.ranks_per_run >= 1 + len(DOMAINS)
         for seed in self.profile.seeds:
@@ -227,7 +230,7 @@ class Pipeline:
                     **self.distill_settings(seed), "algo.lam": lam,
                     "teachers": [{"name": d, "path": self.checkpoint(f"teacher-{d}"), "domains": [d],
                                   "placement": "dedicated" if dedicated else "colocated"} for d in DOMAINS]}))
-        return gopd + sft
+        return gopd, sft
 
     def distill_settings(self, seed: int) -> dict:
         return {"student.path": self.checkpoint("pretrain"), "data.train": [self.data("train.jsonl")],
