@@ -70,8 +70,9 @@ class Profile:
     teacher_lr: float = 1e-4  # GRPO's Adam lr: at >= 3e-4 for 40 steps the tiny model collapses
 
 
-# Easy enough for a 0.8M model to get right about two times in three after 400 SFT steps on 2 cores (single-digit
-# + and - chains; list moves that need no arithmetic), so that the careless habit, not the skill, limits the base.
+# Easy enough for a 0.8M model to get its worked solution right ~70% of the time after 350 SFT steps on 2 cores
+# (single-digit + and - chains; list moves that need no arithmetic), so that the careless habit, not the skill,
+# limits the base.
 # Harder settings (1-2 ops with * and operands to 12; strings, map, rot, shift) left a base near 10% that RL could
 # not lift in the time.
 DIFFICULTY = {
