@@ -41,11 +41,10 @@ def main(argv=None) -> None:
         sys.exit(f"error: --model {args.model}: no config.json (a HF model directory is expected)")
     from megatron_gopd.eval.harness import evaluate_hf_model
 
-    for seed in args.seed:
-        metrics, records = evaluate_hf_model(
-            args.model, args.data, n=args.n, ks=args.k, temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len,
-            batch_size=args.batch_size, seed=seed)
+    results = evaluate_hf_model(
+        args.model, args.data, n=args.n, ks=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len, batch_size=args.batch_size, seeds=args.seed)
+    for seed, (metrics, records) in zip(args.seed, results):
         if len(args.seed) > 1:
             print(f"seed {seed}")
         report(metrics, records, args, seed)

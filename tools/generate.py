@@ -25,9 +25,9 @@ def main(argv=None) -> None:
     from megatron_gopd.data.prompts import write_jsonl
     from megatron_gopd.eval.harness import evaluate_hf_model
 
-    metrics, records = evaluate_hf_model(args.model, args.data, n=args.n, temperature=args.temperature,
-                                      max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
-                                      seed=args.seed)
+    [(metrics, records)] = evaluate_hf_model(args.model, args.data, n=args.n, temperature=args.temperature,
+                                             max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
+                                             seeds=(args.seed,))
     sources = _rows_by_uid(args.data)
     rows = [{**sources[r["uid"]], "response": r["response"], "correct": r["correct"]}
             for r in records if r["correct"] or not args.only_correct]

@@ -75,8 +75,9 @@ def summarize(records: list[dict], ks=(1,)) -> dict[str, float]:
 
 
 def evaluate_hf_model(model_dir, data, *, n, ks=(1,), temperature=1.0, max_new_tokens=512, max_prompts=None,
-                   max_prompt_len=2048, batch_size=64, seed=0) -> tuple[dict, list[dict]]:
-    """Loads a HF model directory into the transformers engine and evaluates it on prompt files."""
+                   max_prompt_len=2048, batch_size=64, seeds=(0,)) -> list[tuple[dict, list[dict]]]:
+    """Loads a HF model directory into the transformers engine once and evaluates it on prompt files, once per
+    sampling seed: (metrics, records) per seed."""
     import torch
     from transformers import AutoTokenizer
 
@@ -88,8 +89,11 @@ def evaluate_hf_model(model_dir, data, *, n, ks=(1,), temperature=1.0, max_new_t
     items = dataset.take(range(min(len(dataset), max_prompts or len(dataset))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = HFRolloutEngine.from_pretrained(str(model_dir), device=device, max_batch_size=batch_size)
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                            stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
-    records = generate_and_verify(engine.generate, items, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                                  n=n, params=params)
-    return summarize(records, ks=ks), records
+    results = []
+    for seed in seeds:
+        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                                stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
+        records = generate_and_verify(engine.generate, items,
+                                      lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=n, params=params)
+        results.append((summarize(records, ks=ks), records))
+    return results

@@ -186,5 +186,5 @@ def serve_frozen_model(model: FrozenModel, layout: RoleLayout, groups: RoleGroup
                     break
                 tokens = receive((rows, seq), torch.long, src)
                 lp = model.score([{"tokens": tokens}], temperature)[0]
-                if is_leader:  # the wire carries CPU tensors (gloo): score returns them, .cpu() makes sure
-                    dist.send(lp.cpu().contiguous(), src)
+                if is_leader:  # score returns CPU tensors: the wire is gloo's
+                    dist.send(lp.contiguous(), src)
