@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint import CheckpointException
@@ -266,11 +268,20 @@ def _check_compatible(meta: dict, gpt: GPTModel, directory: Path) -> None:
 
 
 def _dist_save(sharded_state_dict: dict, directory: Path, group: dist.ProcessGroup) -> None:
+    _fork_write_results_queue()
     try:
         with collectives_scoped_to(group):
             dist_checkpointing.save(sharded_state_dict, str(directory))
     except CheckpointException as e:  # a BaseException, which a trainer's `except Exception` would miss
         raise OSError(f"writing the dist checkpoint {directory} failed: {e}") from e
+
+
+def _fork_write_results_queue() -> None:
+    """megatron-core's writer returns its results through a multiprocessing Manager it starts with `spawn`, whose
+    server process then imports torch and megatron to unpickle them: ~4 s of a first save on 2 cores. A Manager
+    forked from this process has them imported already."""
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 # ---- model checkpoints ------------------------------------------------------------------------------------
