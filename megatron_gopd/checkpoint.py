@@ -251,13 +251,17 @@ def _metadata(gpt: GPTModel, kind: str, hf_dir: PathLike | None) -> dict:
     }
 
 
-def _check_compatible(meta: dict, gpt: GPTModel, directory: Path) -> None:
+def _check_same_dtype(meta: dict, gpt: GPTModel, directory: Path) -> None:
     dtype = _DTYPE_NAMES[gpt.config.params_dtype]
     if meta["dtype"] != dtype:
         raise ValueError(
-            f"dtype mismatch: the checkpoint at {directory} holds {meta['dtype']} weights, but the model was "
-            f"built with {dtype}; build the model with dtype {meta['dtype']} or convert the checkpoint to {dtype}"
+            f"dtype mismatch: the training checkpoint at {directory} holds {meta['dtype']} weights, but the model "
+            f"was built with {dtype}; resume with dtype {meta['dtype']}, or start a new run from its weights "
+            f"(student.path), which casts them"
         )
+
+
+def _check_architecture(meta: dict, gpt: GPTModel, directory: Path) -> None:
     arch = _architecture(gpt)
     diff = {k: (meta["architecture"].get(k), v) for k, v in arch.items() if meta["architecture"].get(k) != v}
     if diff:
@@ -278,7 +282,7 @@ def _dist_save(sharded_state_dict: dict, directory: Path, group: dist.ProcessGro
 
 def _fork_write_results_queue() -> None:
     """megatron-core's writer returns its results through a multiprocessing Manager it starts with `spawn`, whose
-    server process then imports torch and megatron to unpickle them: ~4 s of a first save on 2 cores. A Manager
+    server process then imports torch and megatron to unpickle them: ~6 s of a trainer run on 2 cores. A Manager
     forked from this process has them imported already."""
     if getattr(filesystem_async, "_results_queue", False) is None:
         filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
@@ -319,7 +323,7 @@ def load_model(directory: PathLike, gpt: GPTModel, *, group: dist.ProcessGroup) 
     """
     directory = resolve_checkpoint_dir(directory)
     meta = read_checkpoint_metadata(directory)
-    _check_compatible(meta, gpt, directory)
+    _check_architecture(meta, gpt, directory)  # not the dtype: the reader copies into the model's tensors, casting
     with collectives_scoped_to(group):
         loaded = dist_checkpointing.load({"model": _model_sharded_state_dict(gpt)}, str(directory / DIST_DIR))
     gpt.load_state_dict(loaded["model"])
@@ -562,7 +566,8 @@ def load_training_checkpoint(
             f"TP={now['tp']} PP={now['pp']}: the optimizer state (dp_reshardable) reshards over DP only. Start a "
             f"new run from its weights with load_model instead"
         )
-    _check_compatible(meta, trainable.gpt, directory)
+    _check_architecture(meta, trainable.gpt, directory)
+    _check_same_dtype(meta, trainable.gpt, directory)
     with torch.no_grad(), collectives_scoped_to(group):
         loaded = dist_checkpointing.load(_training_sharded_state_dict(trainable, is_loading=True),
                                          str(directory / DIST_DIR))

@@ -5,9 +5,13 @@ The torchrun jobs live in tests/dist/checkpoint_model.py and tests/dist/checkpoi
 """
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from megatron_gopd import checkpoint
 from tests.conftest import run_torchrun
 
 ARCHS = ["llama", "qwen3_tied"]
@@ -62,12 +66,22 @@ def test_model_checkpoint_layout_and_metadata(model_job):
     assert model_job["archs"]["qwen3_tied"]["teacher_meta"]["architecture"]["tie_word_embeddings"] is True
 
 
+def test_fp32_model_checkpoint_loads_into_a_bf16_model_cast(model_job):
+    cast = model_job["archs"]["bf16_cast"]
+    assert cast["diff_before_load"] > 0.1 and cast["dtype"] == "torch.bfloat16"
+    assert cast["diff"] == 0.0  # every weight is exactly the checkpoint's, rounded to the model's dtype
+
+
+def test_resuming_a_training_checkpoint_in_another_dtype_is_an_error():
+    model = SimpleNamespace(config=SimpleNamespace(params_dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="holds fp32 weights, but the model was built with bf16; resume with dtype"):
+        checkpoint._check_same_dtype({"dtype": "fp32"}, model, Path("run/checkpoints/step_00000002"))
+
+
 def test_model_checkpoint_errors(model_job):
     errors = model_job["errors"]
     assert errors["missing"].startswith("FileNotFoundError: no megatron-gopd model checkpoint at ")
     assert "nowhere: expected " in errors["missing"] and "nowhere/megatron_gopd.json" in errors["missing"]
-    assert errors["dtype"].startswith("ValueError: dtype mismatch")
-    assert "holds fp32 weights" in errors["dtype"] and "built with bf16" in errors["dtype"]
     assert errors["architecture"].startswith("ValueError:") and "qk_layernorm" in errors["architecture"]
     assert errors["exists"].startswith("FileExistsError:")
 

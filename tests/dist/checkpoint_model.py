@@ -118,8 +118,17 @@ def main():
 
     llama = build_model(dims_of["llama"], layout.student.pgc, seed=99)
     errors["missing"] = error_of(lambda: checkpoint.load_model(work / "nowhere", llama, group=layout.student.world))
+    # an fp32 checkpoint into a bf16 model: the weights are cast on load (its norms stay fp32)
     bf16 = build_model(dims_of["llama"], layout.student.pgc, dtype=torch.bfloat16)
-    errors["dtype"] = error_of(lambda: checkpoint.load_model(work / "llama", bf16, group=layout.student.world))
+    checkpoint.load_model(work / "llama", llama, group=layout.student.world)
+
+    def bf16_diff():
+        return max(float((a.float() - b.to(a.dtype).float()).abs().max())
+                   for a, b in zip(bf16.parameters(), llama.parameters(), strict=True))
+
+    result["bf16_cast"] = {"diff_before_load": bf16_diff()}
+    checkpoint.load_model(work / "llama", bf16, group=layout.student.world)
+    result["bf16_cast"].update(diff=bf16_diff(), dtype=str(next(bf16.parameters()).dtype))
     tied = build_model(dims_of["qwen3_tied"], layout.student.pgc)
     errors["architecture"] = error_of(lambda: checkpoint.load_model(work / "llama", tied, group=layout.student.world))
     errors["exists"] = error_of(lambda: checkpoint.save_model(work / "llama", llama, group=layout.student.world))
