@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
+import queue
 import random
 import re
 import shutil
@@ -272,7 +272,7 @@ def _check_architecture(meta: dict, gpt: GPTModel, directory: Path) -> None:
 
 
 def _dist_save(sharded_state_dict: dict, directory: Path, group: dist.ProcessGroup) -> None:
-    _fork_write_results_queue()
+    _in_process_write_results_queue()
     try:
         with collectives_scoped_to(group):
             dist_checkpointing.save(sharded_state_dict, str(directory))
@@ -280,12 +280,12 @@ def _dist_save(sharded_state_dict: dict, directory: Path, group: dist.ProcessGro
         raise OSError(f"writing the dist checkpoint {directory} failed: {e}") from e
 
 
-def _fork_write_results_queue() -> None:
-    """megatron-core's writer returns its results through a multiprocessing Manager it starts with `spawn`, whose
-    server process then imports torch and megatron to unpickle them: ~6 s of a trainer run on 2 cores. A Manager
-    forked from this process has them imported already."""
+def _in_process_write_results_queue() -> None:
+    """Our saves are synchronous: megatron-core's writer hands its results back within this process. Its default
+    queue lives in a Manager server started with `spawn`, which must import torch and megatron to unpickle them
+    (~6 s of every trainer run on 2 cores); a forked server would instead inherit the process group's sockets."""
     if getattr(filesystem_async, "_results_queue", False) is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 # ---- model checkpoints ------------------------------------------------------------------------------------
