@@ -2,6 +2,10 @@
 
 import warnings
 
+from megatron_gopd.runtime import deferred_compile
+
+deferred_compile.install()
+
 # Known-benign notices that every rank would print on every run: megatron-core falling back from Transformer
 # Engine/apex kernels to its local implementations (expected on CPU), and torch deprecations inside megatron.
 for _message in (".*Transformer Engine and Apex are not installed.*", "Apex is not installed.*",

@@ -64,8 +64,10 @@ def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, unin
     started = time.time()
     student.wait(timeout=20 + 30)  # the student stops within the exchange timeout plus 30 s...
     student_exit = time.time() - started
-    output, _ = proc.communicate(timeout=60)  # ...and torchrun then tears the job down (a stopped process gets
-    assert proc.returncode != 0  # torchrun's 30 s SIGTERM grace before its SIGKILL)
+    if fault == "hang":  # a stopped process sits out torchrun's 30 s SIGTERM grace until its SIGKILL: end it now
+        teacher.kill()
+    output, _ = proc.communicate(timeout=60)  # ...and torchrun then tears the job down
+    assert proc.returncode != 0
     assert student_exit < 20 + 30, student_exit
     if fault == "hang":  # a hung peer is caught by our timeout, which names the role, its ranks and the step
         assert "frozen model 'math' (ranks 1-1) did not answer student replica 0 within 20s at step" in output
