@@ -316,7 +316,8 @@ def save_model(directory: PathLike, gpt: GPTModel, *, hf_dir: PathLike | None = 
 
 @torch.no_grad()
 def load_model(directory: PathLike, gpt: GPTModel, *, group: dist.ProcessGroup) -> dict:
-    """Loads the weights of a model checkpoint, or of a training checkpoint, into `gpt` built at any TP/PP.
+    """Loads the weights of a model checkpoint, or of a training checkpoint, into `gpt` built at any TP/PP and in
+    any dtype (the weights are cast to the model's).
 
     `directory` may also be a `latest` pointer file or a run's checkpoints directory. Collective over `group`.
     Returns the checkpoint's metadata.
