@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections import defaultdict
 from pathlib import PurePosixPath
@@ -89,11 +91,11 @@ def evaluate_hf_model(model_dir, data, *, n, ks=(1,), temperature=1.0, max_new_t
     items = dataset.take(range(min(len(dataset), max_prompts or len(dataset))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = HFRolloutEngine.from_pretrained(str(model_dir), device=device, max_batch_size=batch_size)
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
+                            stop_token_ids=(tokenizer.eos_token_id,))
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
     results = []
     for seed in seeds:
-        params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
-                                stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
-        records = generate_and_verify(engine.generate, items,
-                                      lambda ids: tokenizer.decode(ids, skip_special_tokens=True), n=n, params=params)
+        records = generate_and_verify(engine.generate, items, decode, n=n, params=dataclasses.replace(params, seed=seed))
         results.append((summarize(records, ks=ks), records))
     return results
