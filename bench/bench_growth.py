@@ -12,7 +12,7 @@ the resident set before them: what the step adds on top of the resident models a
 quadratic are fitted to time and memory against L; R^2, each point's deviation from the line and the quadratic
 term's share say where growth is not linear.
 
-    python bench/bench_growth.py [--quick]
+    python bench/bench_growth.py [--size smoke|quick|full]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     BENCH,
     MODEL_SPECS,
+    by_size,
     cli,
     describe,
     linear_fit,
@@ -41,6 +42,7 @@ from bench.common import (
 )
 
 LENGTHS = (256, 512, 1024, 2048, 4096)
+SMOKE_LENGTHS = (32, 64, 96)
 BATCH, PROMPT = 1, 16
 MAX_POSITIONS = 4352  # room for PROMPT + 4096
 LINEAR_R2 = 0.98  # "near-linear": a line fits both time and memory at least this well
@@ -104,7 +106,7 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
         raise
 
 
-def _worker(mode: str) -> dict:
+def _worker(size: str) -> dict:
     import multiprocessing
     import tempfile
 
@@ -113,12 +115,12 @@ def _worker(mode: str) -> dict:
 
     import megatron_gopd.models.parallel_model  # noqa: F401
 
-    steps = 1 if mode == "quick" else 3
+    steps = by_size(size, smoke=1, quick=1, full=3)
     points = []
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = str(write_hf_config_dir("tiny", Path(tmp) / "tiny", max_position_embeddings=MAX_POSITIONS))
         fork = multiprocessing.get_context("fork")
-        for length in LENGTHS:
+        for length in by_size(size, smoke=SMOKE_LENGTHS, quick=LENGTHS, full=LENGTHS):
             parent, child = fork.Pipe()
             proc = fork.Process(target=_measure, args=(hf_dir, length, steps, child))
             proc.start()
@@ -131,8 +133,8 @@ def _worker(mode: str) -> dict:
             "points": points}
 
 
-def run(quick: bool) -> dict:
-    result = run_script(BENCH / "bench_growth.py", "--worker", "quick" if quick else "full")
+def run(size: str) -> dict:
+    result = run_script(BENCH / "bench_growth.py", "--worker", size)
     xs = [p["length"] for p in result["points"]]
     for p in result["points"]:
         p["cpu"], p["wall"] = summary(p["cpu"]), summary(p["wall"])
@@ -188,4 +190,4 @@ def notes(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    cli(__doc__, _worker, lambda quick: to_markdown(run(quick)))
+    cli(__doc__, _worker, lambda size: to_markdown(run(size)))

@@ -14,7 +14,7 @@ of N repetitions (N = 2 with --quick, else 3), so that a shared, noisy machine s
 
 Targets: chunked peak <= 0.5 x naive peak, chunked time <= 1.2 x naive time.
 
-    python bench/bench_logprobs.py [--quick]
+    python bench/bench_logprobs.py [--size smoke|quick|full]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BENCH,
+    by_size,
     cli,
     md_table,
     proc_status_kib,
@@ -35,6 +36,7 @@ from bench.common import (
     verdict,
 )
 
+SMOKE_CASES = [(256, 2048, "float32")]
 QUICK_CASES = [(8192, 32768, "float32")]
 # 152k at 2k tokens: 8k x 152k (5 GB of fp32 logits) would take the naive method past this machine's RAM.
 FULL_CASES = QUICK_CASES + [(8192, 32768, "bfloat16"), (2048, 152064, "float32"), (2048, 152064, "bfloat16")]
@@ -109,11 +111,11 @@ def _subprocess(*args) -> dict:
     return run_script(BENCH / "bench_logprobs.py", "--worker", *map(str, args))
 
 
-def run(quick: bool) -> list[dict]:
+def run(size: str) -> list[dict]:
     """One row per (case, mode): both methods' peak extra memory and time, their ratios and whether targets hold."""
     rows = []
-    for tokens, vocab, dtype in QUICK_CASES if quick else FULL_CASES:
-        times = _subprocess("time", tokens, vocab, dtype, 2 if quick else 3)
+    for tokens, vocab, dtype in by_size(size, smoke=SMOKE_CASES, quick=QUICK_CASES, full=FULL_CASES):
+        times = _subprocess("time", tokens, vocab, dtype, by_size(size, smoke=1, quick=2, full=3))
         for mode in MODES:
             mem = {method: _subprocess("memory", tokens, vocab, dtype, mode, method) for method in METHODS}
             mem_ratio = mem["chunked"]["peak_extra_mib"] / mem["naive"]["peak_extra_mib"]
@@ -142,4 +144,4 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    cli(__doc__, _worker, lambda quick: to_markdown(run(quick)))
+    cli(__doc__, _worker, lambda size: to_markdown(run(size)))

@@ -5,7 +5,7 @@ The same work on both sides:
   tools/convert_hf_to_megatron.py), fp32, no gradient checkpointing, dropout 0;
 - data: the same prompts, as chat messages rendered by the same chat template (the token ids are checked equal);
   the same number of prompts per step, one sample each, one optimizer step per batch (no accumulation);
-- rollout: temperature 1, no top-k/top-p, exactly NEW_TOKENS new tokens per sample on both sides: the tokenizer's
+- rollout: temperature 1, no top-k/top-p, exactly `new_tokens` (64; 8 at the smoke size) new tokens per sample on both sides: the tokenizer's
   EOS (id 250) lies outside the models' 250 logits, so no sample can stop early (checked on both sides);
 - objective: the on-policy reverse KL(student || teacher) on the sampled responses, token-mean, Adam(W)
   (0.9, 0.999, 1e-8), constant lr 1e-5, weight decay 0, grad-norm clip 1.0.
@@ -28,9 +28,9 @@ start-up are excluded. Time is counted twice: the process's CPU seconds (every w
 leaves out the waits for a core on a shared machine, and equals wall time on an idle one; neighbours still slow it
 through shared caches) and wall seconds. TRL runs in a clean process; ours in another (with the CPU compatibility
 layer every CPU training process has), both of our loss rows one after the other. Worker runs alternate: TRL, ours,
-TRL (quick); TRL, ours, ours, TRL, TRL, ours (full).
+TRL (quick); TRL, ours, ours, TRL, TRL, ours (full); TRL, ours (smoke).
 
-    python bench/bench_opd_vs_trl.py [--quick]
+    python bench/bench_opd_vs_trl.py [--size smoke|quick|full]
 """
 
 from __future__ import annotations
@@ -46,18 +46,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BENCH,
+    by_size,
     checkpoints,
     cli,
     describe,
     md_table,
     num_params,
+    require,
     run_script,
     spread,
     summary,
     verdict,
 )
 
-PROMPTS_PER_STEP, NEW_TOKENS, LR = 8, 64, 1e-5
+PROMPTS_PER_STEP, LR = 8, 1e-5
 TARGET = 2.0  # ours at least 2x faster per step
 SIDES = ("trl", "ours-full_vocab", "ours-sampled")
 
@@ -77,7 +79,7 @@ def _step_times(ends: list[tuple[float, float]]) -> dict:
     return {"wall": wall, "cpu": cpu}
 
 
-def _ours(loss: str, steps: int, tmp: Path) -> dict:
+def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
     import yaml
 
     from megatron_gopd.config import load_config
@@ -90,7 +92,7 @@ def _ours(loss: str, steps: int, tmp: Path) -> dict:
         "student": {"path": str(root / "student")},
         "teachers": [{"name": "teacher", "path": str(root / "teacher"), "domains": ["math"]}],
         "algo": {"lam": 1.0, "loss": loss, "aggregation": "token-mean"},
-        "rollout": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        "rollout": {"max_new_tokens": new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
         "data": {"train": [str(data)], "prompts_per_step": PROMPTS_PER_STEP, "max_prompt_len": 64},
         "train": {"steps": steps, "micro_batch_size": PROMPTS_PER_STEP, "output_dir": str(tmp / "run"),
                   "resume": "never"},
@@ -107,33 +109,19 @@ def _ours(loss: str, steps: int, tmp: Path) -> dict:
     from megatron_gopd.trainer import Trainer
 
     seed_everything(cfg.train.seed)
-    run = build_run(cfg)
-    ends, lengths = [], []
-    log, generate = run.logger.log, run.rollout.generate
-
-    def timed_log(step, metrics, advance=True):
-        log(step, metrics, advance=advance)
-        if advance:
-            ends.append((time.perf_counter(), time.process_time()))
-
-    def counted_generate(prompts, params):
-        samples = generate(prompts, params)
-        lengths.extend(len(s.response_ids) for s in samples)
-        return samples
-
-    run.logger.log, run.rollout.generate = timed_log, counted_generate
-    Trainer(run).run()
-    del run
+    Trainer(build_run(cfg)).run()
+    steps = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()[1:]]  # not the first
     phases = {}
-    for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()[1:]:  # without the first step
-        for key, value in json.loads(line).items():
-            if key.startswith("time/"):
+    for m in steps:
+        for key, value in m.items():
+            if key.startswith("time/") and key not in ("time/step_s", "time/step_cpu_s"):
                 phases.setdefault(key[5:-2], []).append(value)
-    return {**_step_times(ends), "phases": {k: summary(v)["median"] for k, v in phases.items()},
-            "response_lengths": sorted(set(lengths))}
+    return {"wall": [m["time/step_s"] for m in steps], "cpu": [m["time/step_cpu_s"] for m in steps],
+            "phases": {k: summary(v)["median"] for k, v in phases.items()},
+            "response_lengths": sorted({m["rollout/response_length"] for m in steps})}
 
 
-def _trl(steps: int, tmp: Path) -> dict:
+def _trl(steps: int, new_tokens: int, tmp: Path) -> dict:
     import datasets
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
@@ -157,7 +145,7 @@ def _trl(steps: int, tmp: Path) -> dict:
         output_dir=str(tmp / "trl"), per_device_train_batch_size=PROMPTS_PER_STEP, gradient_accumulation_steps=1,
         max_steps=steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, beta=1.0, temperature=1.0,
-        top_p=1.0, top_k=0, max_completion_length=NEW_TOKENS, gradient_checkpointing=False, bf16=False,
+        top_p=1.0, top_k=0, max_completion_length=new_tokens, gradient_checkpointing=False, bf16=False,
         use_cpu=True, logging_steps=1, disable_tqdm=True, save_strategy="no", report_to="none",
         dataloader_num_workers=0, seed=1234, teacher_model_init_kwargs={"dtype": "float32"},
         model_init_kwargs={"dtype": "float32"},
@@ -172,35 +160,38 @@ def _trl(steps: int, tmp: Path) -> dict:
     return {**_step_times(ends), "response_lengths": sorted(lengths)}
 
 
-def _worker(side: str, steps: str) -> dict:
+def _worker(side: str, steps: str, new_tokens: str) -> dict:
     """side "trl", or "ours:LOSS,LOSS": our trainer once per loss, one after the other in this process."""
     import torch
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if side == "trl":
-            results["trl"] = _trl(int(steps), Path(tmp))
+            results["trl"] = _trl(int(steps), int(new_tokens), Path(tmp))
         else:
             for i, loss in enumerate(side.split(":")[1].split(",")):
                 (Path(tmp) / str(i)).mkdir()
-                results[f"ours-{loss}"] = _ours(loss, int(steps), Path(tmp) / str(i))
+                results[f"ours-{loss}"] = _ours(loss, int(steps), int(new_tokens), Path(tmp) / str(i))
     for name, result in results.items():
-        if result["response_lengths"] != [NEW_TOKENS]:
-            raise AssertionError(f"{name}: responses of lengths {result['response_lengths']}, not all {NEW_TOKENS}")
+        if result["response_lengths"] != [int(new_tokens)]:
+            raise AssertionError(f"{name}: responses of lengths {result['response_lengths']}, not all {new_tokens}")
     return {"sides": results, "threads": torch.get_num_threads()}
 
 
-def run(quick: bool) -> dict:
+def run(size: str) -> dict:
     """Per-step seconds of each side over alternating runs, and TRL/ours ratios of the medians."""
     checkpoints()
-    steps = 10 if quick else 16
+    require("trl")
+    steps = by_size(size, smoke=3, quick=10, full=16)
+    new_tokens = by_size(size, smoke=8, quick=64, full=64)
     ours = ["ours:full_vocab,sampled"]
     swapped = ["ours:sampled,full_vocab"]
-    order = ["trl"] + ours + ["trl"] if quick else ["trl"] + ours + swapped + ["trl", "trl"] + ours
+    order = by_size(size, smoke=["trl"] + ours, quick=["trl"] + ours + ["trl"],
+                    full=["trl"] + ours + swapped + ["trl", "trl"] + ours)
     samples = {side: {"wall": [], "cpu": []} for side in SIDES}
     phases, threads = {}, None
     for worker in order:
-        r = run_script(BENCH / "bench_opd_vs_trl.py", "--worker", worker, str(steps))
+        r = run_script(BENCH / "bench_opd_vs_trl.py", "--worker", worker, str(steps), str(new_tokens))
         threads = r["threads"]
         for side, data in r["sides"].items():
             samples[side]["wall"] += data["wall"]
@@ -208,7 +199,7 @@ def run(quick: bool) -> dict:
             if data.get("phases"):
                 phases.setdefault(side, data["phases"])
     result = {"student": describe("tiny"), "params": num_params("tiny"), "prompts_per_step": PROMPTS_PER_STEP,
-              "new_tokens": NEW_TOKENS, "steps_per_run": steps, "runs": order, "threads": threads,
+              "new_tokens": new_tokens, "steps_per_run": steps, "runs": order, "threads": threads,
               "cpu_seconds_per_step": {s: summary(samples[s]["cpu"]) for s in SIDES},
               "wall_seconds_per_step": {s: summary(samples[s]["wall"]) for s in SIDES}, "phases": phases}
     for clock in ("cpu", "wall"):
@@ -253,4 +244,4 @@ def notes(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    cli(__doc__, _worker, lambda quick: to_markdown(run(quick)))
+    cli(__doc__, _worker, lambda size: to_markdown(run(size)))

@@ -14,7 +14,7 @@ shows what that layer costs our engine inside the trainer.
 Weight sync: `ColocatedRollout.sync_weights()` (the streaming exporter -> the engine's parameters, one 512 MiB
 bucket bound) on a world-1 Megatron student, in seconds per sync and GB/s of exported weights.
 
-    python bench/bench_rollout.py [--quick]
+    python bench/bench_rollout.py [--size smoke|quick|full]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BENCH,
+    by_size,
     checkpoints,
     cli,
     describe,
@@ -146,7 +147,7 @@ def _sync(name: str, root: Path, tmp: Path, reps: int) -> dict:
             "seconds": s, "gb_per_s": stats.total_bytes / s["median"] / 1e9, "peak_bucket_bytes": stats.peak_bytes}
 
 
-def _worker(mode: str) -> dict:
+def _worker(size: str) -> dict:
     import tempfile
 
     import torch
@@ -155,7 +156,6 @@ def _worker(mode: str) -> dict:
     from megatron_gopd.rollout.hf_engine import HFRolloutEngine
     from megatron_gopd.runtime.distributed import init_distributed
 
-    quick = mode == "quick"
     root = checkpoints()
     hf_dir = root / "hf" / "student"
     engine = HFRolloutEngine.from_pretrained(str(hf_dir))
@@ -163,18 +163,20 @@ def _worker(mode: str) -> dict:
     prompts = _prompts(BATCH)
     all_methods = ("engine", "generate+logprobs", "generate")
     result = {"model": describe("tiny"), "params": num_params("tiny"), "threads": torch.get_num_threads(),
-              "clean": _generation_rounds(engine, model, prompts, 6 if quick else 12, all_methods)}
+              "clean": _generation_rounds(engine, model, prompts, by_size(size, smoke=1, quick=6, full=12),
+                                          all_methods)}
     init_distributed()  # applies the CPU compatibility layer, as in every training process
-    result["with_cpu_compat"] = _generation_rounds(engine, model, prompts, 4 if quick else 8, all_methods[:2])
+    result["with_cpu_compat"] = _generation_rounds(engine, model, prompts, by_size(size, smoke=1, quick=4, full=8),
+                                                    all_methods[:2])
     with tempfile.TemporaryDirectory() as tmp:
-        result["sync"] = [_sync(name, root, Path(tmp), 3 if quick else 5)
-                          for name in (QUICK_SYNC if quick else SYNC_SIZES)]
+        result["sync"] = [_sync(name, root, Path(tmp), by_size(size, smoke=1, quick=3, full=5))
+                          for name in by_size(size, smoke=("tiny",), quick=QUICK_SYNC, full=SYNC_SIZES)]
     return result
 
 
-def run(quick: bool) -> dict:
+def run(size: str) -> dict:
     """Generation throughput of both methods (clean process and under the CPU compat layer) and sync costs."""
-    result = run_script(BENCH / "bench_rollout.py", "--worker", "quick" if quick else "full")
+    result = run_script(BENCH / "bench_rollout.py", "--worker", size)
     ratio = result["clean"]["cpu"]["ratio_vs_generate+logprobs"]["median"]
     result["meets_target"] = ratio >= TARGET
     return result
@@ -215,4 +217,4 @@ def notes(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    cli(__doc__, _worker, lambda quick: to_markdown(run(quick)))
+    cli(__doc__, _worker, lambda size: to_markdown(run(size)))

@@ -17,7 +17,7 @@ time of streaming (submit each rollout micro-batch at once, pi_old meanwhile, th
 serialised (generate all, score all, then pi_old); the student is the tiny Llama, the teacher ~40x larger.
 Target: ratio < 0.9.
 
-    python bench/bench_teachers.py [--quick]
+    python bench/bench_teachers.py [--size smoke|quick|full]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BENCH,
+    by_size,
     checkpoints,
     cli,
     describe,
@@ -48,10 +49,11 @@ MICRO_BATCHES, ROWS, SEQ = 2, 8, 96
 TEACHER_COUNTS = (1, 2, 4)
 FLAT_TOLERANCE = 1.25  # "flat": t(4) / t(1) at most this for the routed mode
 OVERLAP = {"micro_batches": 4, "rows": 16, "new_tokens": 64}
+SMOKE_OVERLAP = {"micro_batches": 2, "rows": 2, "new_tokens": 4}
 OVERLAP_TARGET = 0.9
 
 
-def _worker(mode: str) -> dict:
+def _worker(size: str) -> dict:
     import torch
 
     from megatron_gopd.runtime.distributed import init_distributed
@@ -91,7 +93,7 @@ def _worker(mode: str) -> dict:
     for k in TEACHER_COUNTS:  # warm-up: every teacher's first forward
         step(k, "all")
     runs = {(k, m): [] for k in TEACHER_COUNTS for m in modes}
-    for r in range(5 if mode == "quick" else 10):
+    for r in range(by_size(size, smoke=1, quick=5, full=10)):
         order = [(k, m) for k in TEACHER_COUNTS for m in (modes if r % 2 == 0 else modes[::-1])]
         for k, m in order if r % 2 == 0 else order[::-1]:
             runs[(k, m)].append(step(k, m))
@@ -108,8 +110,8 @@ def _worker(mode: str) -> dict:
             "threads": torch.get_num_threads(), "rows": rows}
 
 
-def run(quick: bool) -> dict:
-    result = run_script(BENCH / "bench_teachers.py", "--worker", "quick" if quick else "full")
+def run(size: str) -> dict:
+    result = run_script(BENCH / "bench_teachers.py", "--worker", size)
     by = {(r["mode"], r["teachers"]): r for r in result["rows"]}
     top = max(TEACHER_COUNTS)
     result["routed_growth"] = by[("routed", top)]["vs_one_teacher"]
@@ -134,17 +136,19 @@ def to_markdown(result: dict) -> str:
             f"{verdict(result['meets_target'])}.\n\n{table}")
 
 
-def run_overlap(quick: bool) -> dict:
+def run_overlap(size: str) -> dict:
     """Streaming / serialised step time over alternating rounds, with the serialised runs' components."""
     root = checkpoints()
-    out = torchrun(BENCH / "dist" / "overlap.py", 2, "--ckpts", str(root), "--rounds", "6" if quick else "10",
-                   *[f"--{k.replace('_', '-')}={v}" for k, v in OVERLAP.items()])
+    rounds = by_size(size, smoke=1, quick=6, full=10)
+    shape = by_size(size, smoke=SMOKE_OVERLAP, quick=OVERLAP, full=OVERLAP)
+    out = torchrun(BENCH / "dist" / "overlap.py", 2, "--ckpts", str(root), "--rounds", str(rounds),
+                   *[f"--{k.replace('_', '-')}={v}" for k, v in shape.items()])
     stream, serial = out["runs"]["streaming"], out["runs"]["serialised"]
     parts = {k: summary([r[k] for r in serial])["median"] for k in ("generate", "teacher", "pi_old")}
     # perfect overlap: the teacher works during generation; only its last micro-batch (or pi_old) is left after it
-    ideal = parts["generate"] + max(parts["pi_old"], parts["teacher"] / OVERLAP["micro_batches"])
+    ideal = parts["generate"] + max(parts["pi_old"], parts["teacher"] / shape["micro_batches"])
     ratio = ratio_summary([r["total"] for r in stream], [r["total"] for r in serial])
-    return {**OVERLAP, "student": describe("tiny"), "student_params": num_params("tiny"),
+    return {**shape, "student": describe("tiny"), "student_params": num_params("tiny"),
             "teacher": describe("teacher_big"), "teacher_params": num_params("teacher_big"),
             "threads": out["threads"], "streaming_s": summary([r["total"] for r in stream]),
             "serialised_s": summary([r["total"] for r in serial]), "components_s": parts, "ratio": ratio,
@@ -185,4 +189,4 @@ def overlap_notes(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    cli(__doc__, _worker, lambda quick: f"{to_markdown(run(quick))}\n\n{overlap_markdown(run_overlap(quick))}")
+    cli(__doc__, _worker, lambda size: f"{to_markdown(run(size))}\n\n{overlap_markdown(run_overlap(size))}")

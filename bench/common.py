@@ -149,18 +149,41 @@ def emit(result: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
+SIZES = ("smoke", "quick", "full")
+
+
+def by_size(size: str, *, smoke, quick, full):
+    """A section's setting at `size`: smoke runs every code path in seconds (the test suite's check that the bench
+    still works; its figures mean nothing), quick is `run.py --quick`, full the default."""
+    if size not in SIZES:
+        raise ValueError(f"bench size must be one of {SIZES}, got {size!r}")
+    return {"smoke": smoke, "quick": quick, "full": full}[size]
+
+
+class MissingExtra(RuntimeError):
+    """An optional peer a section compares against is not installed; run.py reports it in one line."""
+
+
+def require(module: str, extra: str = "bench") -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtra(f"{module} is not installed; install the {extra!r} extra: pip install -e \".[{extra}]\"")
+
+
 def cli(doc: str, worker, report) -> None:
-    """The command line of every section module. Without --worker: runs the section (its short form with --quick)
-    and prints its markdown. `--worker ARG...` is the worker process that the section's run() starts through
-    run_script; it answers with `emit(worker(*ARGS))`."""
+    """The command line of every section module. Without --worker: runs the section at --size (default full;
+    --quick = --size quick) and prints its markdown. `--worker ARG...` is the worker process that the section's
+    run() starts through run_script; it answers with `emit(worker(*ARGS))`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the short form that `bench/run.py --quick` runs")
+    parser.add_argument("--size", choices=SIZES, default="full")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="size", help="= --size quick")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         emit(worker(*args.worker))
     else:
-        print(report(args.quick))
+        print(report(args.size))
 
 
 # ---- timing --------------------------------------------------------------------------------------------------

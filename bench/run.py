@@ -1,6 +1,6 @@
 """The performance suite: every speed claim is a ratio measured side by side in this one run.
 
-    python bench/run.py [--quick] [--only logprobs rollout ...]
+    python bench/run.py [--quick | --size smoke|quick|full] [--only logprobs rollout ...]
 
 Writes bench/results.json (every number, with the machine and the date) and bench/RESULTS.md (the tables), and
 prints the same markdown. Sections:
@@ -12,7 +12,9 @@ prints the same markdown. Sections:
   growth     6. step time and peak memory against the response length (bench_growth.py)
   gpu        7. train-step MFU at ~1.3B, TE/FP8 when installed, rollout tok/s, sync GB/s (bench/dist/gpu_suite.py);
              without CUDA, its --smoke form (a tiny model on the CPU: the code runs, no figures).
---quick keeps the suite well under 10 minutes on 2 cores; the full mode repeats more and adds sizes.
+--quick keeps the suite well under 10 minutes on 2 cores; the full size repeats more and adds sizes; --size smoke
+runs every section in seconds (the test suite runs it, so that a change that breaks the bench breaks a test).
+The TRL comparison needs the `bench` extra (`pip install -e ".[bench]"`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from bench import (
 )
 from bench.common import (
     BENCH,
+    SIZES,
     THREADS,
+    MissingExtra,
     checkpoints,
     machine,
     md_table,
@@ -47,13 +51,13 @@ from bench.common import (
 SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "gpu")
 
 
-def _gpu(quick: bool) -> dict:
-    """The GPU suite; without CUDA its --smoke form, which shows only that the code runs end to end."""
+def _gpu(size: str) -> dict:
+    """The GPU suite; without CUDA (or at the smoke size) its --smoke form, which shows only that the code runs."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or size == "smoke":
         return torchrun(BENCH / "dist" / "gpu_suite.py", 1, "--smoke")
-    return torchrun(BENCH / "dist" / "gpu_suite.py", 1, *(["--quick"] if quick else []), threads=None)
+    return torchrun(BENCH / "dist" / "gpu_suite.py", 1, *(["--quick"] if size == "quick" else []), threads=None)
 
 
 def _gpu_errors(result: dict) -> int:
@@ -182,15 +186,15 @@ def headline(results: dict) -> list[list]:
 def to_markdown(report: dict) -> str:
     m = report["machine"]
     v = m["versions"]
-    mode = "quick" if report["quick"] else "full"
-    head = (f"# megatron-gopd performance ({mode} mode)\n\n"
+    size = report["size"]
+    head = (f"# megatron-gopd performance ({size} size)\n\n"
             f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores"
             f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}; {report['threads_per_worker']} intra-op thread(s) "
             f"per worker process; load average {m.get('load_avg_at_start', float('nan')):.1f} at the start (a shared "
             f"machine: only ratios measured side by side count; where a table says so, times are the worker process's "
             f"CPU seconds, which leave out its waits for a core). Python {m['python']}, torch {v['torch']}, "
             f"megatron-core {v['megatron-core']}, transformers {v['transformers']}, trl {v['trl']}, accelerate "
-            f"{v['accelerate']}. `python bench/run.py{' --quick' if report['quick'] else ''}` took "
+            f"{v['accelerate']}. `python bench/run.py --size {size}` took "
             f"{report['total_s'] / 60:.1f} min.\n\n")
     targets = md_table(["measurement", "result", "target", "status"], headline(report["results"]))
     notes = [NOTES[name](result) for name, result in report["results"].items()
@@ -209,14 +213,15 @@ def to_markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the short suite (well under 10 minutes on 2 cores)")
+    parser.add_argument("--size", choices=SIZES, default="full", help="smoke: seconds, quick: < 10 min, full")
+    parser.add_argument("--quick", action="store_const", const="quick", dest="size", help="= --size quick")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--out", default=str(BENCH / "results.json"))
     args = parser.parse_args()
     sections = args.only or SECTIONS
 
     start = time.perf_counter()
-    report = {"quick": args.quick, "machine": machine(), "threads_per_worker": THREADS or "default",
+    report = {"size": args.size, "machine": machine(), "threads_per_worker": THREADS or "default",
               "results": {}, "seconds": {}, "load_avg": {}, "errors": {}}
     if set(sections) & {"opd", "teachers", "overlap", "rollout"}:
         checkpoints()  # the tiny models, once (cached between runs)
@@ -225,7 +230,10 @@ def main() -> None:
         t0 = time.perf_counter()
         report["load_avg"][name] = os.getloadavg()[0]  # how busy the shared machine was as the section began
         try:
-            report["results"][name] = RUNNERS[name](args.quick)
+            report["results"][name] = RUNNERS[name](args.size)
+        except MissingExtra as e:  # one line, no traceback: what to install
+            report["errors"][name] = str(e)
+            print(f"[bench] {name}: {e}", file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001  a failed section is reported, and the others still run
             report["errors"][name] = traceback.format_exc()[-4000:]
         report["seconds"][name] = time.perf_counter() - t0

@@ -20,6 +20,7 @@ class RunLogger:
                  progress: bool = True, config: dict | None = None):
         self.enabled = enabled
         self.phase_seconds: dict[str, float] = {}
+        self._clock = (time.perf_counter(), time.process_time())  # where the step being logged began
         self._tb = self._wandb = self._bar = None
         if not enabled:
             return
@@ -55,6 +56,10 @@ class RunLogger:
         progress bar (not for the evaluation before the first step)."""
         metrics = dict(metrics)
         metrics.update({f"time/{k}_s": v for k, v in self.phase_seconds.items()})
+        wall, cpu = time.perf_counter(), time.process_time()
+        if advance:  # the whole step, phases and everything between them; CPU seconds of this process's threads
+            metrics["time/step_s"], metrics["time/step_cpu_s"] = wall - self._clock[0], cpu - self._clock[1]
+        self._clock = (wall, cpu)
         for phase, count in (tokens or {}).items():
             seconds = self.phase_seconds.get(phase, 0.0)
             if count > 0 and seconds > 0:
