@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_torchrun
-from tests.test_trainer import launch, metrics
+from tests.runs import launch, metrics
 from tests.tiny import save_tiny_hf
 
 

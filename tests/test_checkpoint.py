@@ -125,6 +125,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(training_jobs):
     trainer_state, warned, error = after_kill["load"]
     assert error is None and warned == [] and trainer_state["step"] == 3
     assert after_kill["fp"] == first[0]["fp3"]  # weights, Adam state and schedule as saved
+    assert second[0]["fp4"] != first[0]["fp3"]  # (a step later, they differ: the fingerprint sees a change)
     assert second[0]["after_save4"] == ["latest", "step_00000003", "step_00000004"]  # the temp dir is gone
 
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import ROOT
-from tests.test_trainer import launch, metrics, write_run
+from tests.runs import launch, metrics, write_run
 
 DEDICATED = [  # world 3: the student on rank 0, a dedicated math teacher on rank 1, code on rank 2
     {"name": "math", "domains": ["math"], "placement": "dedicated"},

@@ -1,147 +1,143 @@
-"""Issue 7: the trainer under torchrun. A run writes its logs and checkpoints, resumes exactly, survives a SIGKILL
-in the middle of a checkpoint save, and rejects bad configs before training."""
+"""The trainer under torchrun: logs and checkpoints, exact resume (auto, from a directory, never), a half-written
+save left by a crash, the reference it is given, the full-vocabulary loss, the student at PP=2, and configs that are
+rejected before training."""
 
 import json
 import math
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
-import yaml
 
 from tests.conftest import ROOT
-
-VOLATILE = ("time/", "throughput/", "memory/", "data/")  # per process, not per step
-
-
-def write_run(tmp_path: Path, ckpts: Path, **overrides) -> Path:
-    """A 2-domain prompt set over the tiny tokenizer, and a config with two colocated teachers."""
-    rows = []
-    for i in range(48):
-        words = " ".join(f"t{(i * 7 + j * 13) % 240 + 5}" for j in range(3 + i % 5))
-        rows.append({"prompt": words, "domain": "math" if i % 2 else "code", "answer": "t5"})
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {
-        "student": {"path": str(ckpts / "student")},
-        "teachers": [{"name": "math", "path": str(ckpts / "math"), "domains": ["math"]},
-                     {"name": "code", "path": str(ckpts / "code"), "domains": ["code"]}],
-        "algo": {"lam": 1.25},
-        "rollout": {"max_new_tokens": 12},
-        "data": {"train": [str(data)], "eval": [str(data)], "prompts_per_step": 4, "max_prompt_len": 32},
-        "train": {"steps": 3, "micro_batch_size": 2, "output_dir": str(tmp_path / "run")},
-        "optim": {"lr": 1e-3},
-        "checkpoint": {"interval": 1, "keep_last": 2},
-        "eval": {"interval": 2, "n": 2, "max_prompts": 6},
-        "log": {"progress": False},
-    }
-    for key, value in overrides.items():
-        if "__" in key:
-            section, name = key.split("__")
-            config[section][name] = value
-        else:
-            config[key] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from tests.runs import close, launch, metrics, swapped_tokenizer_copy, write_run
 
 
-def launch(config: Path, *args: str, nproc: int = 2, wait: bool = True, timeout: float = 600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "megatron_gopd.train", "--config", str(config), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if not wait:
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: {k: v for k, v in m.items() if not k.startswith(VOLATILE)} for m in lines}
-
-
-def test_run_writes_logs_and_checkpoints_then_resumes_exactly(tiny_checkpoints, tmp_path):
-    full = write_run(tmp_path / "full", tiny_checkpoints, train__steps=4)
-    done = launch(full)
+@pytest.fixture(scope="module")
+def straight(tiny_checkpoints, tmp_path_factory):
+    """The default run for 4 steps: world 2 (the student at DP=2), both teachers and the reference (the student's
+    initial weights) colocated, lam = 1.25. Returns (its directory, its metrics)."""
+    root = tmp_path_factory.mktemp("straight")
+    done = launch(write_run(root, tiny_checkpoints, train__steps=4))
     assert done.returncode == 0, done.stderr[-3000:]
-    run = tmp_path / "full" / "run"
+    return root, metrics(root / "run")
+
+
+def test_run_writes_logs_and_checkpoints(straight):
+    root, m = straight
+    run = root / "run"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000004"]
-    straight = metrics(run)
-    assert sorted(straight) == [0, 1, 2, 3, 4]  # step 0: the evaluation before training
+    assert sorted(m) == [0, 1, 2, 3, 4]  # step 0: the evaluation before training
     for step in (1, 2, 3, 4):
-        m = straight[step]
-        assert m["teacher/math/samples"] + m["teacher/code/samples"] == 4
-        assert m["loss"] is not None and abs(m["mismatch/abs_mean"]) < 1e-4 and m["grad_norm"] > 0
+        assert m[step]["teacher/math/samples"] + m[step]["teacher/code/samples"] == 4
+        assert m[step]["loss"] is not None and abs(m[step]["mismatch/abs_mean"]) < 1e-4 and m[step]["grad_norm"] > 0
         # responses cut at max_new_tokens=12 are counted (a random tiny model rarely stops on its own)
-        assert 0 < m["rollout/truncated_frac"] <= 1 and 0 < m["rollout/response_length"] <= 12
-    assert "eval/math/avg@2" in straight[2]
+        assert 0 < m[step]["rollout/truncated_frac"] <= 1 and 0 < m[step]["rollout/response_length"] <= 12
+    assert "eval/math/avg@2" in m[2]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for m in logged[1:]:  # tokens/s per phase, next to the phase times
-        assert m["throughput/rollout_tokens_per_s"] > 0 and m["throughput/update_tokens_per_s"] > 0
-        assert m["time/rollout_s"] > 0 and m["time/update_s"] > 0
+    for line in logged[1:]:  # tokens/s per phase, next to the phase times and the whole step's
+        assert line["throughput/rollout_tokens_per_s"] > 0 and line["throughput/update_tokens_per_s"] > 0
+        assert line["time/rollout_s"] > 0 and line["time/update_s"] > 0
+        assert line["time/step_s"] >= line["time/rollout_s"] + line["time/update_s"]
 
+
+def test_resume_is_exact_from_latest_from_a_directory_and_never(straight, tiny_checkpoints, tmp_path):
+    _, want = straight
     # the same run in two halves: 2 steps, stop, resume, 2 more
     halves = write_run(tmp_path / "halves", tiny_checkpoints, train__steps=2)
     assert launch(halves).returncode == 0
     resumed = launch(halves, "--resume", "auto", "train.steps=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    second = metrics(tmp_path / "halves" / "run")
+    got = metrics(tmp_path / "halves" / "run")
     for step in (3, 4):
-        assert second[step] == straight[step], step  # same samples, same losses, bit for bit
+        assert got[step] == want[step], step  # same samples, same losses, bit for bit
+
+    # --resume DIR: a checkpoint of that run, continued in a new output directory
+    step3 = tmp_path / "halves" / "run" / "checkpoints" / "step_00000003"
+    elsewhere = write_run(tmp_path / "elsewhere", tiny_checkpoints, train__steps=4)
+    resumed = launch(elsewhere, "--resume", str(step3))
+    assert resumed.returncode == 0 and "resumed from step 3" in resumed.stdout + resumed.stderr
+    assert metrics(tmp_path / "elsewhere" / "run")[4] == want[4]
+
+    # --resume never: starts over from the student's initial weights, although checkpoints exist
+    fresh = launch(halves, "--resume", "never", "train.steps=1")
+    assert fresh.returncode == 0 and "resumed" not in fresh.stdout + fresh.stderr
+    assert metrics(tmp_path / "halves" / "run")[1] == want[1]
 
 
-def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one(tiny_checkpoints, tmp_path):
-    config = write_run(tmp_path, tiny_checkpoints, train__steps=40)
+def test_a_save_cut_short_by_a_crash_is_ignored_and_cleared(tiny_checkpoints, tmp_path):
+    """What a SIGKILL in the middle of a save leaves (tests/test_checkpoint.py kills a real save at its commit): a
+    .tmp-step_N directory with some files and no manifest, `latest` naming N-1. A resumed run takes N-1 and the
+    next save removes the leftover."""
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, eval__interval=0)
+    assert launch(config).returncode == 0
     checkpoints = tmp_path / "run" / "checkpoints"
-    proc = launch(config, wait=False)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            saving = [p for p in checkpoints.glob(".tmp-step_*")] if checkpoints.exists() else []
-            if saving and int(saving[0].name.split("_")[-1]) >= 3:
-                # torchrun and every worker, at once (the workers sit in process groups of their own)
-                family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-                for p in family:
-                    p.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        proc.wait(timeout=60)
-    partial = list(checkpoints.glob(".tmp-step_*"))
-    assert partial, "the kill did not land during a save"
-    killed_at = int(partial[0].name.split("_")[-1])
-    assert (checkpoints / "latest").read_text().strip() == f"step_{killed_at - 1:08d}"
-
-    resumed = launch(config, "--resume", "auto", f"train.steps={killed_at + 1}")
+    partial = checkpoints / ".tmp-step_00000003"
+    shutil.copytree(checkpoints / "step_00000002", partial)
+    (partial / "MANIFEST.json").unlink()
+    resumed = launch(config, "--resume", "auto", "train.steps=3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from step {killed_at - 1}" in resumed.stdout + resumed.stderr
-    assert (checkpoints / "latest").read_text().strip() == f"step_{killed_at + 1:08d}"
+    assert "resumed from step 2" in resumed.stdout + resumed.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000002", "step_00000003"]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("algo.lam=0", "algo.lam"),
-    ("algo.lamda=1.25", "algo.lamda"),
-    ("student.path=/nonexistent", "student.path"),
-    ("student.parallel.tp=3", "student.parallel"),
-    ("data.train=[/nonexistent.jsonl]", "data.train"),
-    ("optim.warmup_steps=1000", "optim.warmup_steps"),
-])
-def test_bad_config_is_rejected_naming_the_key(override, key, tiny_checkpoints, tmp_path):
-    from megatron_gopd.config import ConfigError, load_config
+def test_the_reference_is_the_model_the_config_names(straight, tiny_checkpoints, tmp_path):
+    """At step 1 pi_old is the student's initial model, so with the default reference (that same model)
+    kl_ref = E[log pi_old - log pi_ref] is 0 and the reward E[log pi_T - log pi_ref] is -kl_teacher, exactly; with
+    the teacher's base as a dedicated reference ("reward correction") the same samples give a reward that differs by
+    exactly its kl_ref."""
+    _, default = straight
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=1, eval__interval=0,
+                       reference={"path": str(tiny_checkpoints / "base"), "placement": "dedicated"})
+    done = launch(config, nproc=3)  # the student's 2 ranks, then the reference's
+    assert done.returncode == 0, done.stderr[-3000:]
+    corrected, init = metrics(tmp_path / "run")[1], default[1]
+    assert abs(init["gopd/kl_ref"]) < 1e-6
+    assert abs(init["gopd/reward"] + init["gopd/kl_teacher"]) < 1e-6
+    assert corrected["gopd/kl_teacher"] == pytest.approx(init["gopd/kl_teacher"], abs=1e-6)  # the same samples
+    assert abs(corrected["gopd/kl_ref"]) > 1e-3  # another model
+    assert corrected["gopd/reward"] - init["gopd/reward"] == pytest.approx(corrected["gopd/kl_ref"], abs=1e-5)
 
-    with pytest.raises(ConfigError) as error:
-        load_config(write_run(tmp_path, tiny_checkpoints), [override], world_size=2)
-    assert str(error.value).startswith(f"{key}: ") and "\n" not in str(error.value)
+
+def test_student_at_pp2_trains_like_one_process_and_lam_1_never_runs_the_reference(tiny_checkpoints, tmp_path):
+    """The student and its colocated teachers split over 2 pipeline stages (1F1B) take the same steps as one
+    process. At lam = 1 the reference (the student's init) cancels, so it is never placed or run: a dedicated
+    reference in the config takes no rank, and no reference metric exists."""
+    runs = {}
+    for name, nproc, pp in (("single", 1, 1), ("pp2", 2, 2)):
+        config = write_run(tmp_path / name, tiny_checkpoints, train__steps=2, eval__interval=0, algo={"lam": 1.0},
+                           reference={"placement": "dedicated"},
+                           student={"path": str(tiny_checkpoints / "student"), "parallel": {"pp": pp}})
+        done = launch(config, nproc=nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = metrics(tmp_path / name / "run")
+    for step in (1, 2):
+        assert not close(runs["single"][step], runs["pp2"][step], rel=1e-5), step
+        assert "gopd/kl_ref" not in runs["single"][step] and "gopd/reward" not in runs["single"][step]
+
+
+@pytest.mark.parametrize("teachers", ["student_copies", "real"])
+def test_full_vocab_loss_is_the_kl_to_the_gopd_target_at_tp2(teachers, tiny_checkpoints, tmp_path):
+    """algo.loss=full_vocab: the exact KL(pi || softmax(lam z_T + (1 - lam) z_ref)) over the whole vocabulary, from
+    the colocated teachers' logits on the student's own TP shards. With teachers that are the student itself, the
+    target is the student (lam z + (1 - lam) z = z): the KL and its gradient are 0. With real teachers both are not."""
+    student = str(tiny_checkpoints / "student")
+    crew = [{"name": d, "path": student if teachers == "student_copies" else str(tiny_checkpoints / d),
+             "domains": [d]} for d in ("math", "code")]
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=1, eval__interval=0, teachers=crew,
+                       student={"path": student, "parallel": {"tp": 2}})
+    result = launch(config, "algo.loss=full_vocab")
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = metrics(tmp_path / "run")[1]
+    if teachers == "student_copies":
+        assert abs(step["actor/full_vocab_kl"]) < 1e-6 and step["grad_norm"] < 1e-6, step
+    else:
+        assert step["actor/full_vocab_kl"] > 1e-2 and step["grad_norm"] > 1e-3, step
 
 
 def test_bad_config_fails_before_training_with_one_line(tiny_checkpoints, tmp_path):
@@ -165,15 +161,15 @@ def test_world_size_is_checked_against_the_roles(tiny_checkpoints, tmp_path):
     assert "config error: student.parallel: world size 2 minus 2 dedicated" in result.stderr
 
 
-def test_full_vocab_loss_trains_at_tp2(tiny_checkpoints, tmp_path):
-    config = write_run(tmp_path, tiny_checkpoints, train__steps=2, eval__interval=0,
-                       student={"path": str(tiny_checkpoints / "student"), "parallel": {"tp": 2}})
-    result = launch(config, "algo.loss=full_vocab")
-    assert result.returncode == 0, result.stderr[-3000:]
-    m = metrics(tmp_path / "run")
-    # the exact KL to softmax(lam z_T + (1 - lam) z_ref) is positive and falls as the student moves toward it
-    assert 0 < m[2]["actor/full_vocab_kl"] < m[1]["actor/full_vocab_kl"]
-    assert m[1]["grad_norm"] > 0
+def test_a_teacher_with_another_tokenizer_stops_the_trainer_before_step_1(tiny_checkpoints, tmp_path):
+    other = swapped_tokenizer_copy(tiny_checkpoints / "math", tmp_path / "other-math")
+    config = write_run(tmp_path, tiny_checkpoints, teachers=[
+        {"name": "math", "path": str(other), "domains": ["math"]},
+        {"name": "code", "path": str(tiny_checkpoints / "code"), "domains": ["code"]}])
+    result = launch(config, nproc=1)
+    assert result.returncode != 0
+    assert "tokenizer mismatch: math" in result.stderr and "student" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.gpu

@@ -177,6 +177,10 @@ def transformer_config(
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
         batch_p2p_sync=on_gpu,  # after batch_isend_irecv megatron calls torch.cuda.synchronize()
+        # Micro-batches of one schedule differ in shape (a teacher scores only its domain's rows; rows are padded
+        # per micro-batch), so pipeline stages exchange each activation's shape before the activation.
+        variable_seq_lengths=pp > 1,
+        moe_token_dispatcher_type="alltoall",  # the one megatron allows with variable lengths (unused by dense)
         fp8=fp8,
         fp8_recipe=fp8_recipe,
     )

@@ -13,6 +13,7 @@
 import argparse
 import errno
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -87,16 +88,19 @@ def main():
                 "numpy": float(np.random.rand())}
 
     def fingerprint():
-        """Weights, this DP rank's optimizer shard (summed over DP) and the schedule, exactly."""
-        adam = torch.tensor(sum(
-            float(value.double().square().sum())
-            for opt in trainable.optimizer.chained_optimizers for state in opt.optimizer.state.values()
-            for key, value in state.items() if key in ("exp_avg", "exp_avg_sq")
-        ), dtype=torch.float64)
-        dist.all_reduce(adam, group=pgc.dp)
+        """Weights, the optimizer's Adam state (every DP rank's shard) and the schedule, tensor by tensor: a hash of
+        each tensor's bytes, so that a permuted, swapped or misplaced shard shows (a sum of squares would not)."""
+        def digest(t):
+            return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+        adam = [digest(value) for opt in trainable.optimizer.chained_optimizers
+                for state in opt.optimizer.state.values() for key, value in sorted(state.items())
+                if key in ("exp_avg", "exp_avg_sq")]
+        shards = [None] * pgc.dp.size()
+        dist.all_gather_object(shards, adam, group=pgc.dp)
         steps = {float(s["step"]) for opt in trainable.optimizer.chained_optimizers
                  for s in opt.optimizer.state.values()}
-        return {"params": sum(float(p.double().square().sum()) for p in gpt.parameters()), "adam": adam.item(),
+        return {"params": {name: digest(p) for name, p in gpt.named_parameters()}, "adam": shards,
                 "adam_steps": sorted(steps), "scheduler_steps": trainable.scheduler.num_steps}
 
     def listing(root):

@@ -1,0 +1,85 @@
+"""The config is validated before any process group exists, and every rejection is one line naming the key."""
+
+import pytest
+import yaml
+
+from megatron_gopd.config import ConfigError, load_config
+from tests.runs import write_run
+
+
+def teachers(ckpts, **math):
+    return [dict({"name": "math", "path": str(ckpts / "math"), "domains": ["math"]}, **math),
+            {"name": "code", "path": str(ckpts / "code"), "domains": ["code"]}]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algo.lam=0", "algo.lam"),
+    ("algo.lamda=1.25", "algo.lamda"),
+    ("student.path=/nonexistent", "student.path"),
+    ("student.parallel.tp=3", "student.parallel"),
+    ("data.train=[/nonexistent.jsonl]", "data.train"),
+    ("optim.warmup_steps=1000", "optim.warmup_steps"),
+    ("algo.name=ppo", "algo.name"),
+    ("algo.aggregation=mean", "algo.aggregation"),
+    ("rollout.engine=vllm", "rollout.engine"),
+    ("data.on_bad_row=ignore", "data.on_bad_row"),
+    ("student.dtype=fp16", "student.dtype"),
+    ("train.micro_batch_size=3", "train.micro_batch_size"),  # 4 prompts per step do not split into 3s
+    ("data.prompts_per_step=3", "data.prompts_per_step"),  # nor over 2 data-parallel replicas (world 2)
+    ("data.default_teacher=poetry", "data.default_teacher"),
+    ("algo.loss=kl", "algo.loss"),
+])
+def test_bad_values_are_rejected_naming_the_key(override, key, tiny_checkpoints, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write_run(tmp_path, tiny_checkpoints), [override], world_size=2)
+    assert str(error.value).startswith(f"{key}: ") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"teachers": "twice"}, "teachers[1].domains: domain 'math' is claimed by both 'math' and 'code'"),
+    ({"teachers": "reserved"}, "teachers: 'reference' is reserved for the reference model"),
+    ({"teachers": "no_domain"}, "teachers[0].domains: teacher 'math' claims no domain and is not data.default_teacher"),
+    ({"teachers": "sglang_no_url"}, "teachers[0].url: placement sglang needs the server's url"),
+    ({"teachers": "sglang_temperature"}, "rollout.temperature: teachers[0] is an sglang server, which scores at "
+                                         "temperature 1; set rollout.temperature=1.0"),
+    ({"teachers": "unknown_placement"}, "teachers[0].placement: 'remote' is not one of "
+                                        "['colocated', 'dedicated', 'sglang']"),
+    ({"algo": {"name": "grpo", "loss": "full_vocab"}}, "algo.loss: full_vocab is a G-OPD loss"),
+    ({"algo": {"lam": 1.25, "loss": "full_vocab"}, "student_pp": 2}, "algo.loss: full_vocab needs student.parallel.pp == 1"),
+    ({"algo": {"lam": 1.25, "loss": "full_vocab"}, "teachers": "dedicated"},
+     "teachers[0].placement: algo.loss=full_vocab needs colocated models"),
+    ({"algo": {"lam": 1.25}, "teachers": "none"}, "teachers: G-OPD needs at least one teacher"),
+])
+def test_cross_field_rules_name_the_key(change, message, tiny_checkpoints, tmp_path):
+    sections = {
+        "twice": teachers(tiny_checkpoints)[:1] + [dict(teachers(tiny_checkpoints)[1], domains=["code", "math"])],
+        "reserved": teachers(tiny_checkpoints, name="reference"),
+        "no_domain": teachers(tiny_checkpoints, domains=[]),
+        "sglang_no_url": teachers(tiny_checkpoints, placement="sglang", path=str(tiny_checkpoints / "hf" / "math")),
+        "sglang_temperature": teachers(tiny_checkpoints, placement="sglang", url="http://127.0.0.1:1",
+                                       path=str(tiny_checkpoints / "hf" / "math")),
+        "unknown_placement": teachers(tiny_checkpoints, placement="remote"),
+        "dedicated": teachers(tiny_checkpoints, placement="dedicated"),
+        "none": [],
+    }
+    overrides = {}
+    if "teachers" in change:
+        overrides["teachers"] = sections[change["teachers"]]
+    if "algo" in change:
+        overrides["algo"] = change["algo"]
+    if change.get("student_pp"):
+        overrides["student"] = {"path": str(tiny_checkpoints / "student"), "parallel": {"pp": 2}}
+    path = write_run(tmp_path, tiny_checkpoints, **overrides)
+    args = ["rollout.temperature=0.7"] if change.get("teachers") == "sglang_temperature" else []
+    with pytest.raises(ConfigError) as error:
+        load_config(path, args, world_size=None)
+    assert str(error.value) == message
+
+
+def test_a_valid_config_round_trips_through_its_resolved_yaml(tiny_checkpoints, tmp_path):
+    from megatron_gopd.config import save_resolved
+
+    config = load_config(write_run(tmp_path, tiny_checkpoints), ["algo.lam=1.5"], world_size=2)
+    save_resolved(config, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml", world_size=2)
+    assert again == config and yaml.safe_load((tmp_path / "resolved.yaml").read_text())["algo"]["lam"] == 1.5
