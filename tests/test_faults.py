@@ -12,7 +12,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_torchrun
 from tests.runs import launch, metrics, write_run
 
 DEDICATED = [  # world 3: the student on rank 0, a dedicated math teacher on rank 1, code on rank 2
@@ -68,9 +68,12 @@ def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, unin
         teacher.kill()
     output, _ = proc.communicate(timeout=60)  # ...and torchrun then tears the job down
     assert proc.returncode != 0
-    assert student_exit < 20 + 30, student_exit
-    if fault == "hang":  # a hung peer is caught by our timeout, which names the role, its ranks and the step
-        assert "frozen model 'math' (ranks 1-1) did not answer student replica 0 within 20s at step" in output
+    if fault == "sigkill":  # a dead peer's closed connection is seen at once, long before the 20 s timeout
+        assert student_exit < 20, student_exit
+    else:  # a hung one is caught by the timeout
+        assert student_exit < 20 + 30, student_exit
+    # either way, one error names the role, its ranks and the step
+    assert "frozen model 'math' (ranks 1-1) did not answer student replica 0 within 20s at step" in output
     for p in psutil.Process().children(recursive=True):  # nothing of the job is left behind
         assert "megatron_gopd.train" not in " ".join(p.cmdline())
 
@@ -81,23 +84,6 @@ def test_dead_or_hung_teacher_stops_the_job_and_resume_loses_nothing(fault, unin
     got, want = metrics(run_dir), uninterrupted
     for step in range(latest + 1, 5):
         assert got[step] == want[step], step  # the remaining steps are exactly those of the uninterrupted run
-
-
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_checkpoints, tmp_path):
-    config = write_run(tmp_path, tiny_checkpoints, train__steps=3)
-    assert launch(config).returncode == 0
-    checkpoints = tmp_path / "run" / "checkpoints"
-    shard = min((checkpoints / "step_00000003" / "dist").glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    before = metrics(tmp_path / "run")
-    resumed = launch(config, "--resume", "auto", "train.steps=3")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = resumed.stdout + resumed.stderr
-    assert "checksum mismatch" in log and "resumed from step 2" in log
-    after = metrics(tmp_path / "run")  # step 3 was redone from step 2's checkpoint, identically
-    assert after[3] == before[3]
 
 
 def poisoned_math_teacher(tiny_checkpoints, tmp_path) -> list[dict]:
@@ -132,9 +118,10 @@ def test_nan_in_one_teacher_response_drops_exactly_that_sample(tiny_checkpoints,
         assert m[step]["loss"] is not None and m[step]["grad_norm"] > 0
 
 
-def test_too_many_nan_samples_skip_the_step_and_repeated_skips_stop_the_run(tiny_checkpoints, tmp_path):
+def test_too_many_nan_samples_skip_the_step_and_repeated_skips_stop_the_run_across_a_resume(tiny_checkpoints,
+                                                                                            tmp_path):
     teachers = poisoned_math_teacher(tiny_checkpoints, tmp_path)
-    config = write_run(tmp_path, tiny_checkpoints, train__steps=4, data__prompts_per_step=8, rollout__top_k=1,
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=1, data__prompts_per_step=8, rollout__top_k=1,
                        eval__interval=0, teachers=teachers,
                        faults={"max_bad_sample_fraction": 0.5, "max_consecutive_skips": 1})
     data = tmp_path / "prompts.jsonl"
@@ -142,15 +129,28 @@ def test_too_many_nan_samples_skip_the_step_and_repeated_skips_stop_the_run(tiny
     for i in range(5):  # 5 of 8 samples NaN: 62.5% > max_bad_sample_fraction
         rows[i] = {"prompt": f"t249 t{17 + i} t18", "domain": "math", "answer": "t5"}
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = launch(config)
-    # step 1 is skipped (1 in a row, allowed); step 2 is the second skip in a row, over max_consecutive_skips=1
+    first = launch(config)  # step 1 is skipped (1 in a row: allowed) and checkpointed
+    assert first.returncode == 0, first.stderr[-3000:]
+    m = metrics(tmp_path / "run")
+    assert m[1]["faults/skipped_step"] == 1.0 and m[1]["faults/dropped_samples"] == 5
+    assert m[1].get("grad_norm") is None  # no update was made
+    # The count of skips in a row is part of the training state: after the resume, step 2 is the second skip in a
+    # row, over max_consecutive_skips=1 (were it reset, step 2 would pass and step 3 would stop the run).
+    result = launch(config, "--resume", "auto", "train.steps=4")
     assert result.returncode != 0
     assert "2 consecutive steps were skipped (last: 62% of the samples had NaN/inf log-probs); stopping" in result.stderr
-    m = metrics(tmp_path / "run")
-    assert m[1]["faults/skipped_step"] == 1.0
-    assert m[1]["faults/dropped_samples"] == 5
-    assert m[1].get("grad_norm") is None  # no update was made
-    assert 2 not in m and 3 not in m  # the run stopped at step 2, before logging it
+    assert sorted(metrics(tmp_path / "run")) == [1]  # the run stopped at step 2, before logging it
+
+
+def test_nan_gradients_on_one_rank_skip_the_update_on_every_rank(tmp_path):
+    """TrainableModel.train_step at DP=2 with a NaN loss on rank 1 only (tests/dist/nan_gradients.py)."""
+    result = run_torchrun("nan_gradients.py", 2, tmp_path=tmp_path)
+    for rank in result["ranks"]:
+        good, poisoned, again = rank["steps"]
+        assert good == again == {"update_ok": True, "changed": True, "scheduler_advanced": 1,
+                                 "grad_norm_finite": True}, rank
+        assert poisoned == {"update_ok": False, "changed": False, "scheduler_advanced": 0,
+                            "grad_norm_finite": False}, rank
 
 
 def test_malformed_dataset_rows_are_counted_by_kind(tiny_checkpoints, tmp_path):
@@ -173,24 +173,12 @@ def test_malformed_dataset_rows_are_counted_by_kind(tiny_checkpoints, tmp_path):
     for reason in ("invalid_json", "missing_prompt", "empty_prompt", "bad_prompt_type", "missing_domain", "too_long"):
         assert first[f"data/dropped/{reason}"] == 1, reason
     log = result.stdout + result.stderr
-    assert f"{data}:49" in log  # the first bad row, reported with its file and line
-
-    strict = launch(config, "data.on_bad_row=error")
-    assert strict.returncode != 0 and f"{data}:49: invalid_json" in strict.stdout + strict.stderr
+    assert f"{data}:49" in log  # the first bad row, reported with its file and line (tests/test_data.py: the rest)
 
 
-def test_unknown_domain_is_an_error_before_training(tiny_checkpoints, tmp_path):
-    config = write_run(tmp_path, tiny_checkpoints)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text(data.read_text() + json.dumps({"prompt": "t5", "domain": "poetry"}) + "\n")
-    result = launch(config)
-    assert result.returncode != 0
-    assert "poetry" in result.stderr and "code" in result.stderr and "math" in result.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
-def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tiny_checkpoints, tmp_path):
-    config = dedicated_run(tmp_path, tiny_checkpoints, train__steps=40, checkpoint__interval=100)
+def test_sigterm_finishes_the_step_checkpoints_and_the_resume_loses_nothing(uninterrupted, tiny_checkpoints,
+                                                                            tmp_path):
+    config = dedicated_run(tmp_path, tiny_checkpoints, train__steps=4, checkpoint__interval=100)
     run_dir = tmp_path / "run"
     proc = launch(config, nproc=3, wait=False)
     wait_for_step(run_dir, 2, proc)
@@ -200,5 +188,29 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tiny_checkpoints, 
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     logged = max(metrics(run_dir))
-    assert 2 <= logged < 40
+    assert logged in (2, 3)  # the step under way when the signal came is the last
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{logged:08d}"
+    resumed = launch(config, "--resume", "auto", nproc=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = metrics(run_dir)
+    for step in range(logged + 1, 5):
+        assert got[step] == uninterrupted[step], step
+
+
+def test_a_hung_student_rank_ends_the_job_within_the_exchange_timeout(tiny_checkpoints, tmp_path):
+    """The student at TP=2: rank 0 (its replica's leader, which runs the rollout engine) stops. Rank 1 then waits in
+    the replica's rollout broadcast or weight sync, which run under faults.exchange_timeout_s like every exchange,
+    and ends the job instead of hanging."""
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=40, eval__interval=0, faults={"exchange_timeout_s": 10},
+                       student={"path": str(tiny_checkpoints / "student"), "parallel": {"tp": 2}})
+    proc = launch(config, nproc=2, wait=False)
+    wait_for_step(tmp_path / "run", 1, proc)
+    leader, other = worker(proc, 0), worker(proc, 1)
+    leader.send_signal(signal.SIGSTOP)
+    started = time.time()
+    other.wait(timeout=10 + 30)
+    waited = time.time() - started
+    leader.kill()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and waited < 10 + 30, waited
+    assert "Timed out" in output or "timed out" in output, output[-3000:]

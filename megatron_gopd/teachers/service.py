@@ -15,6 +15,7 @@ Wire format, per (step, student replica, frozen model): messages of header [rows
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -85,8 +86,9 @@ class FrozenScorer:
                 peer = self.peers[name]
                 pending.header = torch.tensor([len(rows), tokens.shape[1], 1])
                 pending.result = torch.empty(len(rows), tokens.shape[1])
-                pending.works = [dist.isend(pending.header, peer), dist.isend(pending.tokens, peer),
-                                 dist.irecv(pending.result, peer)]
+                with self._answering(name):
+                    pending.works = [dist.isend(pending.header, peer), dist.isend(pending.tokens, peer),
+                                     dist.irecv(pending.result, peer)]
             self._pending[name].append((index, pending))
 
     def collect(self) -> dict[str, list[torch.Tensor | None]]:
@@ -105,11 +107,9 @@ class FrozenScorer:
                 for _, p in self._pending[name]:
                     p.result = self._result(name, p.future)
             elif self.is_leader:
-                end = torch.tensor(_END_STEP)
-                works = [dist.isend(end, self.peers[name])]
-                for _, p in self._pending[name]:
-                    works += p.works
-                self._wait(name, works)
+                with self._answering(name):
+                    works = [dist.isend(torch.tensor(_END_STEP), self.peers[name])]
+                    self._wait(works + [w for _, p in self._pending[name] for w in p.works])
             for index, p in self._pending[name]:
                 result = p.result if self.is_leader else torch.empty(len(p.rows), p.tokens.shape[1])
                 if self.mp.size() > 1:
@@ -129,20 +129,25 @@ class FrozenScorer:
                 f"within {self.timeout.total_seconds():.0f}s at step {self.step}: {type(e).__name__}: {e}"
             ) from e
 
-    def _wait(self, name: str, works: list) -> None:
+    def _wait(self, works: list) -> None:
         """Waits for all of a model's exchanges under ONE deadline (not one timeout per message)."""
-        groups = self.layout.frozen[name]
         deadline = time.monotonic() + self.timeout.total_seconds()
+        for work in works:
+            if not work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001))):
+                raise TimeoutError("timed out")
+
+    @contextlib.contextmanager
+    def _answering(self, name: str):
+        """An exchange with a dedicated model that fails (gloo raises at once when the peer's process is gone, and
+        on timeouts) ends the run with one error naming the model, its ranks, this replica and the step."""
         try:
-            for work in works:
-                if not work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001))):
-                    raise TimeoutError("timed out")
-        except Exception as e:  # gloo raises on a dead peer, and on timeouts
+            yield
+        except Exception as e:
+            groups = self.layout.frozen[name]
             raise ExchangeTimeoutError(
-                f"frozen model {name!r} (ranks {groups.ranks.start}-{groups.ranks.stop - 1}) did not answer "
-                f"student replica {self.dp_rank} within {self.timeout.total_seconds():.0f}s at step {self.step}: "
-                f"{type(e).__name__}: {e}"
-            ) from e
+                f"frozen model {name!r} (ranks {groups.ranks.start}-{groups.ranks.stop - 1}) did not answer student "
+                f"replica {self.dp_rank} within {self.timeout.total_seconds():.0f}s at step {self.step}: "
+                f"{type(e).__name__}: {e}") from e
 
     def shutdown(self) -> None:
         """Tells the dedicated models' servers that the run is over."""
