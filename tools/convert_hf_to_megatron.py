@@ -9,6 +9,7 @@ read through transformers with --gguf-file.
 """
 
 import argparse
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
     load_hf_weights(gpt, dims, weights)
     save_model(args.save_dir, gpt, hf_dir=metadata_dir, group=layout.student.world)
     if dist.get_rank() == 0:
+        if args.gguf_file:  # copied into <save-dir>/hf by save_model
+            shutil.rmtree(metadata_dir)
         print(f"wrote {dims.model_type} ({dims.num_layers} layers, vocab {dims.vocab_size}) to {args.save_dir}")
     dist.destroy_process_group()
 
