@@ -74,6 +74,11 @@ class SDPAttention(MegatronModule):
                              .squeeze(0).transpose(0, 1) for start, end in zip(bounds[:-1], bounds[1:])])
         return out.reshape(query.shape[0], -1)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        # No parameters or buffers. (MegatronModule's default would look up the global TP group, which this
+        # project never initialises: its models carry their own process groups.)
+        return {}
+
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[b, heads, s, dim] causal attention; key/value may have fewer (grouped) heads."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
