@@ -37,9 +37,10 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--checks", default="parity,packing")
 parser.add_argument("--memory-tokens", type=int, default=4096)
 parser.add_argument("--forward-only", action="store_true")
+parser.add_argument("--pp", type=int, default=1, help="pipeline stages (TP = the rest of the world)")
 args = parser.parse_args()
 
-layout = build_layout(ParallelShape(tp=dist.get_world_size()))
+layout = build_layout(ParallelShape(tp=dist.get_world_size() // args.pp, pp=args.pp))
 pgc = layout.student.pgc
 hf = tiny_hf_model("qwen3", seed=3)
 dims = ModelDims.from_hf(hf.config)
@@ -60,16 +61,21 @@ def max_over_ranks(value: float) -> float:
 
 
 def forward_backward(m: ParallelModel, micro_batch: dict, weight_key: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Log-probs and logits (this rank's vocab shard) of one micro-batch, and the gradients of
-    sum(log-probs * micro_batch[weight_key]) by parameter name."""
+    """Log-probs and logits (this rank's vocab shard; empty before the last pipeline stage) of one micro-batch, and
+    the gradients of sum(log-probs * micro_batch[weight_key]) by parameter name."""
     m.gpt.zero_grad(set_to_none=True)
 
     def loss_fn(mb, lp, ent, logits):
         return (lp * mb[weight_key]).sum(), {"lp": lp.detach(), "logits": logits.detach()}
 
-    out = m.run([micro_batch], loss_fn, temperature=1.0, forward_only=False, with_entropy=False)[0]
+    outputs = m.run([micro_batch], loss_fn, temperature=1.0, forward_only=False, with_entropy=False)
+    out = outputs[0] if outputs else {"lp": torch.zeros(0), "logits": torch.zeros(0)}
     grads = {n: p.grad.clone() for n, p in m.gpt.named_parameters()}
     return out["lp"], out["logits"], grads
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() if a.numel() else 0.0
 
 
 def grad_diff(a: dict, b: dict) -> float:
@@ -84,8 +90,8 @@ if "parity" in args.checks:
     lp_m, logits_m, grads_m = forward_backward(model("megatron"), batch, "weight")
     lp_s, logits_s, grads_s = forward_backward(model("sdpa"), batch, "weight")
     results["parity"] = {
-        "logits_max_diff": max_over_ranks((logits_s - logits_m).abs().max().item()),
-        "logprobs_max_diff": max_over_ranks((lp_s - lp_m).abs().max().item()),
+        "logits_max_diff": max_over_ranks(max_diff(logits_s, logits_m)),
+        "logprobs_max_diff": max_over_ranks(max_diff(lp_s, lp_m)),
         "grad_max_diff": max_over_ranks(grad_diff(grads_s, grads_m)),
         "grad_max_abs": max_over_ranks(max(g.abs().max().item() for g in grads_m.values())),
     }
@@ -103,17 +109,19 @@ if "packing" in args.checks:
              "weight": mask * torch.rand(rows, seq, generator=g) / mask.sum(), "row_id": torch.arange(rows)}
     sdpa = model("sdpa")
     lp_u, _, grads_u = forward_backward(sdpa, batch, "weight")
-    entry = {"logprobs_max_abs": max_over_ranks(lp_u[real].abs().max().item())}
+    last_stage = sdpa.is_last_stage
+    entry = {"logprobs_max_abs": max_over_ranks(lp_u[real].abs().max().item() if last_stage else 0.0)}
     for name, pad_to in (("packed", None), ("packed_padded", sum(lengths) + 13)):
         packed = pack_rows(batch, lengths, pad_to=pad_to)
         lp_p, _, grads_p = forward_backward(sdpa, packed, "weight")
-        per_row = unpack(lp_p, packed["cu_seqlens"])
+        per_row = unpack(lp_p, packed["cu_seqlens"]) if last_stage else []
         entry[name] = {
-            "shape": list(lp_p.shape),
-            "logprobs_max_diff": max_over_ranks(max((r - lp_u[i, :n]).abs().max().item()
-                                                    for i, (r, n) in enumerate(zip(per_row, lengths)))),
-            "first_token_logprobs": [r[0].item() for r in per_row],
             "grad_max_diff": max_over_ranks(grad_diff(grads_p, grads_u)),
+            "logprobs_max_diff": max_over_ranks(max((max_diff(r, lp_u[i, :n]) for i, (r, n) in
+                                                     enumerate(zip(per_row, lengths))), default=0.0)),
+            "logprobs_tokens": max_over_ranks(lp_p.shape[-1] if last_stage else 0),
+            # the rows' first tokens: never scored against the row before
+            "first_token_logprobs_max_abs": max_over_ranks(max((r[0].abs().item() for r in per_row), default=0.0)),
         }
     # RoPE as megatron's Attention applies it to a packed sequence (the THD path), against each row on its own:
     # positions must restart per row. (Confined attention hides an offset, RoPE being relative, so the log-probs
