@@ -74,7 +74,8 @@ def test_sdpa_rejects_what_it_does_not_compute(dims):
         attention(q, k, v, torch.ones(1, 1, 5, 5, dtype=torch.bool))
     cu = torch.tensor([0, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"qkv_format='sbhd' is not supported"):
-        attention(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu))
+        attention(q[:, 0], k[:, 0], v[:, 0], None,
+                  packed_seq_params=PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu))
 
 
 def test_layer_spec_attention_choice(dims, monkeypatch):
@@ -90,7 +91,8 @@ def test_layer_spec_attention_choice(dims, monkeypatch):
     with pytest.raises(ValueError, match=r"attention='flash' is not one of auto, sdpa, megatron, te"):
         builder.layer_spec(dims, None, "flash")
     monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)
-    with pytest.raises(ValueError, match=r"fp8='e4m3' needs Transformer Engine's layers: attention 'te' or 'auto', not 'sdpa'"):
+    with pytest.raises(ValueError, match=r"fp8='e4m3' needs Transformer Engine's layers: attention 'te' or 'auto', "
+                                         r"not 'sdpa'"):
         builder.layer_spec(dims, "e4m3", "sdpa")
 
 

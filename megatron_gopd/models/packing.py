@@ -19,7 +19,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 ROW_BOUNDS = "cu_seqlens"
 
 
-def pack_rows(batch: dict[str, torch.Tensor], lengths: Sequence[int], *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+def pack_rows(batch: dict[str, torch.Tensor], lengths: Sequence[int], *,
+              pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Packs the right-padded rows of `batch` (tokens [rows, s]; row i's first lengths[i] tokens are real) into
     one sequence [1, sum(lengths)], or [1, pad_to] with a padding tail (one shape for every micro-batch, as
     megatron's pipeline schedule needs at PP > 1).
@@ -33,7 +34,8 @@ def pack_rows(batch: dict[str, torch.Tensor], lengths: Sequence[int], *, pad_to:
     if len(lengths) != rows:
         raise ValueError(f"pack_rows: {len(lengths)} lengths for {rows} rows")
     if not all(0 < n <= seq for n in lengths):
-        raise ValueError(f"pack_rows: lengths must be in [1, {seq}] (the rows' padded length), got {list(lengths)}")
+        raise ValueError(f"pack_rows: lengths must be in [1, {seq}] (the rows' padded length), "
+                         f"got {list(lengths)}")
     total = sum(lengths)
     if pad_to is not None and pad_to < total:
         raise ValueError(f"pack_rows: pad_to={pad_to} is shorter than the rows' {total} tokens")
@@ -48,8 +50,8 @@ def pack_rows(batch: dict[str, torch.Tensor], lengths: Sequence[int], *, pad_to:
         elif value.dim() > 0 and value.shape[0] == rows:
             packed[key] = value
         else:
-            raise ValueError(f"pack_rows: {key} of shape {tuple(value.shape)} is neither per-token [{rows}, {seq}, ...] "
-                             f"nor per-row [{rows}, ...]")
+            raise ValueError(f"pack_rows: {key} of shape {tuple(value.shape)} is neither per-token "
+                             f"[{rows}, {seq}, ...] nor per-row [{rows}, ...]")
     packed[ROW_BOUNDS] = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return packed
 
@@ -91,7 +93,8 @@ def unpack_padded(values: torch.Tensor, cu_seqlens: torch.Tensor, seq: int | Non
                               flat[: int(cu_seqlens[-1])])
 
 
-def pack_values(rows: Sequence[torch.Tensor] | torch.Tensor, cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+def pack_values(rows: Sequence[torch.Tensor] | torch.Tensor, cu_seqlens: torch.Tensor,
+                total: int | None = None) -> torch.Tensor:
     """Per-token values given per row (a list of [len_i, ...] tensors, or right-padded [rows, s, ...]) laid out like
     the packed tokens: [1, total, ...] (`total` defaults to cu_seqlens[-1]; a padding tail is zeros). Adds a
     tensor computed per row (teacher scores, ...) to a packed micro-batch."""

@@ -37,7 +37,8 @@ from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.packing import ROW_BOUNDS, packed_positions, packed_seq_params, row_starts
 from megatron_gopd.runtime.distributed import collectives_scoped_to, device
 
-MicroBatch = dict[str, torch.Tensor]  # "tokens" [b, s] plus any per-token inputs of the loss (packed: b = 1, + cu_seqlens)
+# "tokens" [b, s] plus any per-token inputs of the loss; packed (models/packing.py): b = 1, plus "cu_seqlens"
+MicroBatch = dict[str, torch.Tensor]
 # (micro-batch, logprobs [b, s], entropy [b, s] | None, logits shard [b, s, V/tp]) -> (loss, metrics)
 LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict]]
 

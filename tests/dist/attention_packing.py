@@ -86,7 +86,8 @@ def grad_diff(a: dict, b: dict) -> float:
 if "parity" in args.checks:
     g = torch.Generator().manual_seed(5)
     # weights summing to 1, as a loss normalised by its token count has
-    batch = {"tokens": torch.randint(0, dims.vocab_size, (2, 48), generator=g), "weight": torch.rand(2, 48, generator=g) / 48}
+    batch = {"tokens": torch.randint(0, dims.vocab_size, (2, 48), generator=g),
+             "weight": torch.rand(2, 48, generator=g) / 48}
     lp_m, logits_m, grads_m = forward_backward(model("megatron"), batch, "weight")
     lp_s, logits_s, grads_s = forward_backward(model("sdpa"), batch, "weight")
     results["parity"] = {
