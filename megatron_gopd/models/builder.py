@@ -10,6 +10,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_gopd.models.architectures import ModelDims, padded_vocab_size, transformer_config
+from megatron_gopd.models.attention import SDPAttention
 from megatron_gopd.models.hf_io import HFWeights
 from megatron_gopd.models.weights import local_to_global_name, resolved_weights, to_megatron_shard
 
@@ -26,14 +27,36 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(dims: ModelDims, fp8: str | None):
-    if transformer_engine_available():
+ATTENTIONS = ("auto", "sdpa", "megatron", "te")
+
+
+def layer_spec(dims: ModelDims, fp8: str | None, attention: str = "auto"):
+    """The transformer layer spec for `attention`:
+    - "te": Transformer Engine's spec (its fused attention; packed rows in the THD format); needs TE and CUDA;
+    - "sdpa": megatron's local spec with SDPAttention (torch's fused attention, linear memory, packed rows);
+    - "megatron": megatron's local spec as it is (DotProductAttention: S x S scores, no packed rows);
+    - "auto": "te" where Transformer Engine and CUDA are present, else "sdpa".
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTIONS)}")
+    has_te = transformer_engine_available()
+    if attention == "auto":
+        attention = "te" if has_te else "sdpa"
+    if attention == "te":
+        if not has_te:
+            raise ValueError("attention='te' needs Transformer Engine on a CUDA GPU, which this process does not "
+                             "have; use 'sdpa'")
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=dims.qk_norm)
-    if fp8:
+    if fp8 and not has_te:
         raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a CUDA GPU, which this process does not have")
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=dims.qk_norm)
+    if fp8:
+        raise ValueError(f"fp8={fp8!r} needs Transformer Engine's layers: attention 'te' or 'auto', not {attention!r}")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=dims.qk_norm)
+    if attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(
@@ -44,8 +67,10 @@ def build_model(
     seed: int = 1234,
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
+    attention: str = "auto",
 ) -> GPTModel:
-    """This rank's pipeline stage of the model, TP-sharded over `pgc.tp`, randomly initialised from `seed`."""
+    """This rank's pipeline stage of the model, TP-sharded over `pgc.tp`, randomly initialised from `seed`, with
+    the core attention that `layer_spec` picks for `attention`."""
     tp, pp = pgc.tp.size(), pgc.pp.size()
     config = transformer_config(dims, tp=tp, pp=pp, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe)
     # Seeds the per-TP-rank RNG states; with CPU initialisation the full weight is drawn then sliced, so the
@@ -55,7 +80,7 @@ def build_model(
     pp_rank = pgc.pp.rank()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(dims, fp8),
+        transformer_layer_spec=layer_spec(dims, fp8, attention),
         vocab_size=padded_vocab_size(dims.vocab_size),
         max_sequence_length=dims.max_position_embeddings,
         pre_process=pp_rank == 0,

@@ -4,7 +4,9 @@ Every pass goes through megatron-core's `forward_backward_func` (1F1B when PP > 
 ProcessGroupCollection, so the same code runs a student, a dedicated teacher or a colocated one.
 
 Per-token tensors are aligned with the tokens: entry t of a [batch, seq] tensor is about token t given the
-tokens before it (entry 0, which has no context, is 0).
+tokens before it (entry 0, which has no context, is 0). A micro-batch may instead be packed (models/packing.py:
+its rows end to end in one sequence of batch 1, with `cu_seqlens`): each row then runs as if alone, and the entry
+at each row's first token is 0.
 
 Devices: the trainer's tensors (rollout batches, old log-probs, advantages, masks, teacher scores) live on the
 CPU. This class is the one boundary: `run` moves each micro-batch to the model's device as the schedule takes it,
@@ -27,29 +29,38 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
 from megatron_gopd.config import OptimConfig
 from megatron_gopd.models.architectures import ModelDims
+from megatron_gopd.models.packing import ROW_BOUNDS, packed_positions, packed_seq_params, row_starts
 from megatron_gopd.runtime.distributed import collectives_scoped_to, device
 
-MicroBatch = dict[str, torch.Tensor]  # "tokens" [b, s] plus any per-token inputs of the loss
+# "tokens" [b, s] plus any per-token inputs of the loss; packed (models/packing.py): b = 1, plus "cu_seqlens"
+MicroBatch = dict[str, torch.Tensor]
 # (micro-batch, logprobs [b, s], entropy [b, s] | None, logits shard [b, s, V/tp]) -> (loss, metrics)
 LossFn = Callable[[MicroBatch, torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 def shifted_token_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, tp_group, *, vocab_size: int, temperature: float, with_entropy: bool
+    logits: torch.Tensor, tokens: torch.Tensor, tp_group, *, vocab_size: int, temperature: float, with_entropy: bool,
+    row_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(tokens[t] | tokens[<t]) from vocab-parallel logits, aligned with `tokens` (entry 0 is 0)."""
+    """log p(tokens[t] | tokens[<t]) from vocab-parallel logits, aligned with `tokens` (entry 0 is 0). For a packed
+    sequence, `row_starts` (each row's first index) are 0 too: never scored against the previous row's last token."""
     # Every position is scored against the next token (the last one against the first, then dropped): slicing
     # the logits to [:, :-1] instead would copy the whole [b, s, V/tp] tensor whenever b > 1.
     lp, ent = token_logprobs_and_entropy(
         logits, torch.roll(tokens, -1, dims=1), tp_group, vocab_size=vocab_size, temperature=temperature,
         with_entropy=with_entropy,
     )
-    pad = lp.new_zeros(lp.shape[0], 1)
-    return torch.cat([pad, lp[:, :-1]], 1), (torch.cat([pad, ent[:, :-1]], 1) if ent is not None else None)
+
+    def shift(values):
+        shifted = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], 1)
+        return shifted if row_starts is None else shifted.index_fill(1, row_starts, 0.0)
+
+    return shift(lp), (shift(ent) if ent is not None else None)
 
 
 def to_device(mb: MicroBatch, target: torch.device) -> MicroBatch:
@@ -104,24 +115,35 @@ class ParallelModel:
 
     def run(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float, forward_only: bool,
             with_entropy: bool = True) -> list[dict]:
-        """Runs megatron's schedule over the micro-batches (all of one shape). Returns, on the last pipeline
-        stage, each micro-batch's metrics dict, its tensors on the CPU; elsewhere an empty list.
+        """Runs megatron's schedule over the micro-batches (all of one shape at PP > 1). Returns, on the last
+        pipeline stage, each micro-batch's metrics dict, its tensors on the CPU; elsewhere an empty list.
 
-        Each micro-batch reaches `loss_fn` with its tensors on the model's device, as do the log-probs."""
+        Each micro-batch reaches `loss_fn` with its tensors on the model's device, as do the log-probs. A packed
+        micro-batch (models/packing.py) runs each of its rows as if alone; `loss_fn` sees its [1, T] tensors."""
         pgc, config = self.pgc, self.gpt.config
         batch, seq = micro_batches[0]["tokens"].shape
         target = device()
+        if any(ROW_BOUNDS in mb for mb in micro_batches):
+            self._check_packing_supported()
 
         def forward_step(data_iterator, model):
-            mb = to_device(next(data_iterator), target)
+            host = next(data_iterator)
+            mb = to_device(host, target)
             tokens = mb["tokens"]
-            positions = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
-            output = model(tokens, positions, None)
+            b, s = tokens.shape
+            if ROW_BOUNDS in host:
+                packing = packed_seq_params(host[ROW_BOUNDS], s, tokens.device)
+                positions = packed_positions(packing.cu_seqlens_q, s)
+                starts = row_starts(packing.cu_seqlens_q, s)
+            else:
+                packing, starts = None, None
+                positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
+            output = model(tokens, positions, None, packed_seq_params=packing)
 
             def loss_func(logits):
                 lp, ent = shifted_token_logprobs(
                     logits, tokens, pgc.tp, vocab_size=self.dims.vocab_size, temperature=temperature,
-                    with_entropy=with_entropy,
+                    with_entropy=with_entropy, row_starts=starts,
                 )
                 return loss_fn(mb, lp, ent, logits)
 
@@ -142,6 +164,11 @@ class ParallelModel:
             **extra,
         )
         return to_host(outputs)
+
+    def _check_packing_supported(self) -> None:
+        if any(isinstance(m, DotProductAttention) for m in self.gpt.modules()):
+            raise ValueError("packed micro-batches need attention 'sdpa' or 'te': megatron's DotProductAttention "
+                             "(attention 'megatron') cannot confine attention to each packed row")
 
     @torch.no_grad()
     def token_logprobs(self, micro_batches: list[MicroBatch], *, temperature: float = 1.0) -> list[torch.Tensor]:
