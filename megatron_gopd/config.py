@@ -34,6 +34,9 @@ class StudentConfig:
     dtype: str = "fp32"  # fp32 | bf16
     fp8: Optional[str] = None  # e4m3 | hybrid (GPU + Transformer Engine only)
     fp8_recipe: str = "delayed"
+    # auto: Transformer Engine's fused attention where TE and a GPU are, else torch's fused attention (sdpa,
+    # linear memory); megatron: megatron-core's local attention (S x S scores); te: TE or an error
+    attention: str = "auto"
 
 
 @dataclass
@@ -103,6 +106,12 @@ class TrainConfig:
     seed: int = 1234
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto (latest valid checkpoint, if any) | never | a checkpoint directory
+    # activation recompute of the student: none | selective (attention's core) | full (every layer's activations
+    # recomputed in the backward, megatron's uniform method)
+    recompute: str = "none"
+    # token budget of a micro-batch (prompt + response tokens, padding included): a step's rows are grouped by
+    # length under it; micro_batch_size stays the cap on rows. None: micro_batch_size rows per micro-batch.
+    max_tokens_per_micro_batch: Optional[int] = None
 
 
 @dataclass
@@ -268,6 +277,11 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
         _choice(dtype, key, ("fp32", "bf16"))
     if config.student.fp8 is not None:
         _choice(config.student.fp8, "student.fp8", ("e4m3", "hybrid"))
+    _choice(config.student.attention, "student.attention", ("auto", "sdpa", "megatron", "te"))
+    _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
+    if t.max_tokens_per_micro_batch is not None:
+        _require(t.max_tokens_per_micro_batch >= d.max_prompt_len, "train.max_tokens_per_micro_batch",
+                 f"{t.max_tokens_per_micro_batch} is below data.max_prompt_len={d.max_prompt_len}: no row would fit")
 
     names = [tc.name for tc in config.teachers]
     _require(len(set(names)) == len(names), "teachers", f"teacher names must be unique, got {names}")

@@ -198,7 +198,7 @@ def build_run(cfg: RunConfig) -> Run | None:
     pgc = layout.student.pgc
     dims = ModelDims.from_hf(Path(cfg.student.path) / "hf")
     gpt = build_model(dims, pgc, dtype=DTYPES[cfg.student.dtype], seed=cfg.train.seed, fp8=cfg.student.fp8,
-                      fp8_recipe=cfg.student.fp8_recipe)
+                      fp8_recipe=cfg.student.fp8_recipe, attention=cfg.student.attention)
     checkpoint.load_model(cfg.student.path, gpt, group=layout.student.world)
     student = TrainableModel(gpt, dims, cfg.optim, layout.student.world, total_steps=cfg.train.steps)
     colocated = {name: FrozenModel(name, path, layout.frozen[name], dtype=section.dtype)
