@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint import CheckpointException
@@ -325,10 +326,23 @@ def load_model(directory: PathLike, gpt: GPTModel, *, group: dist.ProcessGroup) 
     directory = resolve_checkpoint_dir(directory)
     meta = read_checkpoint_metadata(directory)
     _check_architecture(meta, gpt, directory)  # not the dtype: the reader copies into the model's tensors, casting
+    # Across layer specs: Transformer Engine layers add `_extra_state` entries (FP8 scaling metadata) that a
+    # checkpoint written without TE lacks; megatron maps every weight's key between the specs. The checkpoint's
+    # absent keys are dropped from the request ("unexpected" in megatron's terms) and must all be extra state.
     with collectives_scoped_to(group):
-        loaded = dist_checkpointing.load({"model": _model_sharded_state_dict(gpt)}, str(directory / DIST_DIR))
-    gpt.load_state_dict(loaded["model"])
+        loaded, _, absent = dist_checkpointing.load({"model": _model_sharded_state_dict(gpt)},
+                                                    str(directory / DIST_DIR), strict=StrictHandling.RETURN_UNEXPECTED)
+    _require_only_extra_state(absent, f"{directory} lacks the weights")
+    result = gpt.load_state_dict(loaded["model"], strict=False)  # TE's extra state then keeps its fresh value
+    _require_only_extra_state(result.missing_keys, f"{directory} did not load")
+    _require_only_extra_state(result.unexpected_keys, f"{directory} has weights the model lacks:")
     return meta
+
+
+def _require_only_extra_state(keys, problem: str) -> None:
+    weights = sorted(k for k in keys if not k.endswith("_extra_state"))
+    if weights:
+        raise ValueError(f"{problem} {weights[:5]} ({len(weights)} in all): not a checkpoint of this architecture")
 
 
 # ---- RNG states -------------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ class RolloutConfig:
     chunk_size: int = 16  # rows per generate call; each finished chunk streams to the teachers at once
     sync_bucket_mb: int = 512
     sglang_mem_fraction: float = 0.5
+    engine_tp: Optional[int] = None  # sglang: GPUs per engine, 1 or the student's TP (None: the student's TP)
+    sglang_deterministic: bool = False  # sglang honours the per-row sampling seeds only so (slower; exact resume)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class DataConfig:
     on_bad_row: str = "skip"  # skip (counted) | error
     default_teacher: Optional[str] = None  # scores samples whose domain no teacher claims
     response_key: str = "response"  # SFT: the column holding the target response
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
 
 
 @dataclass
@@ -106,6 +109,7 @@ class TrainConfig:
     seed: int = 1234
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto (latest valid checkpoint, if any) | never | a checkpoint directory
+    offload_optimizer: bool = False  # GPU: optimizer state and gradient buffers go to host during the rollout
     # activation recompute of the student: none | selective (attention's core) | full (every layer's activations
     # recomputed in the backward, megatron's uniform method)
     recompute: str = "none"
@@ -142,6 +146,7 @@ class FaultConfig:
     exchange_timeout_s: float = 600.0  # teacher streaming, weight sync, rollout broadcast
     max_bad_sample_fraction: float = 0.5  # more NaN/inf samples than this in a step skips the step
     max_consecutive_skips: int = 3
+    http_retries: int = 3  # an SGLang server teacher: retries after a connection error, 5xx, timeout or bad reply
 
 
 @dataclass
@@ -260,6 +265,15 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
     _choice(r.engine, "rollout.engine", ("hf", "sglang"))
     _require(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     _require(r.chunk_size >= 1, "rollout.chunk_size", "must be >= 1")
+    if r.engine_tp is not None:
+        _require(r.engine_tp in (1, config.student.parallel.tp), "rollout.engine_tp",
+                 f"must be 1 or student.parallel.tp ({config.student.parallel.tp}), got {r.engine_tp}")
+    _require(all(str(k).isidentifier() for k in d.chat_template_kwargs), "data.chat_template_kwargs",
+             f"keys must be identifiers (keyword arguments of the chat template), got {list(d.chat_template_kwargs)}")
+    _require(config.faults.http_retries >= 0, "faults.http_retries", "must be >= 0")
+    _require(not t.offload_optimizer or config.optim.distributed_optimizer or config.student.dtype == "bf16",
+             "train.offload_optimizer", "needs optim.distributed_optimizer or student.dtype bf16 (otherwise the "
+             "optimizer steps the model's own weights, which the rollout needs on the GPU)")
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
     _choice(d.on_bad_row, "data.on_bad_row", ("skip", "error"))
     _require(t.steps >= 1, "train.steps", "must be >= 1")

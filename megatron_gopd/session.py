@@ -188,11 +188,13 @@ def build_run(cfg: RunConfig) -> Run | None:
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.path) / "hf")
     domains = [d for t in cfg.teachers for d in t.domains] if cfg.algo.name == "gopd" else None
     dataset = load_prompts(cfg.data.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len, known_domains=domains,
-                           default_domain_ok=cfg.data.default_teacher is not None, on_bad_row=cfg.data.on_bad_row)
+                           default_domain_ok=cfg.data.default_teacher is not None, on_bad_row=cfg.data.on_bad_row,
+                           chat_template_kwargs=cfg.data.chat_template_kwargs)
     eval_items = []
     if cfg.data.eval:
         eval_set = load_prompts(cfg.data.eval, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                on_bad_row=cfg.data.on_bad_row, split="test")
+                                on_bad_row=cfg.data.on_bad_row, split="test",
+                                chat_template_kwargs=cfg.data.chat_template_kwargs)
         eval_items = eval_set.take(range(min(len(eval_set), cfg.eval.max_prompts)))
 
     pgc = layout.student.pgc
@@ -204,11 +206,14 @@ def build_run(cfg: RunConfig) -> Run | None:
     colocated = {name: FrozenModel(name, path, layout.frozen[name], dtype=section.dtype)
                  for name, (path, section) in specs.items() if section.placement == "colocated"}
     owners = {name: colocated.get(name) for name in specs}
-    owners.update({name: SGLangHTTPModel(name, section.url, timeout_s=cfg.faults.exchange_timeout_s)
+    owners.update({name: SGLangHTTPModel(name, section.url, timeout_s=cfg.faults.exchange_timeout_s,
+                                         retries=cfg.faults.http_retries)
                    for name, (_, section) in specs.items() if section.placement == "sglang"})
     scorer = FrozenScorer(layout, owners, temperature=cfg.rollout.temperature, timeout_s=cfg.faults.exchange_timeout_s)
-    rollout = ColocatedRollout(_make_engine(cfg, pgc.mp.rank() == 0), gpt, dims,
-                               bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+    engine, weight_peer = _make_engine(cfg, pgc)
+    rollout = ColocatedRollout(engine, gpt, dims, bucket_bytes=cfg.rollout.sync_bucket_mb << 20,
+                               engine_ranks=_engine_ranks(cfg), weight_peer=weight_peer, trainer=student,
+                               offload_optimizer=cfg.train.offload_optimizer)
     sampler = PromptSampler(len(dataset), cfg.data.prompts_per_step, seed=cfg.train.seed, dp_rank=pgc.dp.rank(),
                             dp_size=pgc.dp.size())
 
@@ -235,19 +240,31 @@ def build_run(cfg: RunConfig) -> Run | None:
                start_step, state)
 
 
-def _make_engine(cfg: RunConfig, is_leader: bool):
-    if not is_leader:
-        return None
+def _engine_ranks(cfg: RunConfig) -> int:
+    """The student TP ranks of a replica's first stage whose GPUs the rollout engine runs on."""
+    return (cfg.rollout.engine_tp or cfg.student.parallel.tp) if cfg.rollout.engine == "sglang" else 1
+
+
+def _make_engine(cfg: RunConfig, pgc):
+    """(the rollout engine on the replica's leader, else None; a WeightHandoff on the other ranks that host ranks
+    of an SGLang engine spanning TP, else None)."""
+    is_leader, ranks = pgc.mp.rank() == 0, _engine_ranks(cfg)
     hf_dir = str(Path(cfg.student.path) / "hf")
     if cfg.rollout.engine == "sglang":
-        from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine
+        from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine, WeightHandoff
 
-        return SGLangRolloutEngine(hf_dir, dtype="bfloat16" if cfg.student.dtype == "bf16" else "float32",
-                                   mem_fraction_static=cfg.rollout.sglang_mem_fraction, seed=cfg.train.seed,
-                                   bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+        bucket_bytes, group = cfg.rollout.sync_bucket_mb << 20, pgc.tp if ranks > 1 else None
+        if is_leader:
+            return SGLangRolloutEngine(hf_dir, dtype="bfloat16" if cfg.student.dtype == "bf16" else "float32",
+                                       mem_fraction_static=cfg.rollout.sglang_mem_fraction, seed=cfg.train.seed,
+                                       bucket_bytes=bucket_bytes, tp_size=ranks, tp_group=group,
+                                       deterministic=cfg.rollout.sglang_deterministic), None
+        return None, (WeightHandoff(bucket_bytes, group) if group is not None and pgc.pp.rank() == 0 else None)
+    if not is_leader:
+        return None, None
     from megatron_gopd.rollout.hf_engine import HFRolloutEngine
 
-    return HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device())
+    return HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device()), None
 
 
 def signal_ignore_sigterm() -> None:

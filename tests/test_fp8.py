@@ -1,12 +1,15 @@
 """Issue 2: FP8 (`student.fp8`) is settable from the config, runs with Transformer Engine on a GPU, and is
 rejected with a clear error where it cannot run (no GPU, or no Transformer Engine)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from megatron_gopd.config import ConfigError, load_config
 from megatron_gopd.models import builder
 from megatron_gopd.models.architectures import ModelDims, transformer_config
+from megatron_gopd.models.parallel_model import fp8_padded_length
 from tests.conftest import run_torchrun
 from tests.tiny import tiny_hf_config
 
@@ -65,3 +68,15 @@ def test_fp8_te_student_matches_the_local_spec_on_gpu(tmp_path):
     assert result["fp8_vs_local"]["argmax_agree"] > 0.9, result
     assert result["fp8_vs_te"]["max_abs"] > 0, result  # fp8 was really applied, not silently ignored
 
+
+
+def test_fp8_token_counts_are_padded_to_what_transformer_engine_needs():
+    """Issue 20: TE's FP8 GEMMs need 16-token multiples (32 for MXFP8), per TP rank with sequence parallelism.
+    ParallelModel.run pads every micro-batch so (tests/test_gpu_adapters.py checks the log-probs stay)."""
+    def config(fp8="e4m3", recipe="delayed", sp=False, tp=2):
+        return SimpleNamespace(fp8=fp8, fp8_recipe=recipe, sequence_parallel=sp, tensor_model_parallel_size=tp)
+
+    assert fp8_padded_length(37, config(fp8=None)) == 37
+    assert fp8_padded_length(37, config()) == 48 and fp8_padded_length(48, config()) == 48
+    assert fp8_padded_length(37, config(recipe="mxfp8")) == 64
+    assert fp8_padded_length(37, config(sp=True)) == 64  # 32 per TP rank pair: each rank holds 16k tokens

@@ -1,14 +1,11 @@
-"""Issue 5: rollout engines. The transformers engine against the Megatron student, sampling filters, stop tokens,
-and the SGLang adapter's request/response/weight handling (its engine itself is GPU-only)."""
-
-import math
+"""Issue 5: rollout engines. The transformers engine against the Megatron student, sampling filters, stop tokens
+(the SGLang adapter's tests are in test_sglang_engine.py)."""
 
 import pytest
 import torch
 
 from megatron_gopd.rollout.base import Sample, SamplingParams, samples_to_batch
 from megatron_gopd.rollout.hf_engine import HFRolloutEngine, processed_logprobs, sample_next
-from megatron_gopd.rollout.sglang_engine import parse_sglang_output, sampling_params_to_sglang, weight_buckets
 from tests.conftest import run_torchrun
 from tests.tiny import tiny_hf_model
 
@@ -64,6 +61,20 @@ def test_greedy_is_deterministic_and_stop_tokens_end_samples(tmp_path):
     assert stopped[0].finish_reason == "stop" and len(stopped[0].logprobs) == stop_at + 1
 
 
+def test_transformers_engine_yields_rows_in_order_chunk_by_chunk(tmp_path):
+    """Issue 20: generate_iter on the transformers engine is generate() one (row, sample) at a time."""
+    hf = tiny_hf_model("llama", seed=4)
+    hf.config.save_pretrained(tmp_path)
+    engine = HFRolloutEngine(str(tmp_path), max_batch_size=2)
+    engine.sync_weights(hf.state_dict().items())
+    prompts = [[5, 17, 42], [7, 7, 9, 100, 3], [11, 12], [40, 41, 42, 43], [9]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=8)
+    stream = list(engine.generate_iter(prompts, params))
+    assert [row for row, _ in stream] == [0, 1, 2, 3, 4]
+    assert [s.response_ids for _, s in stream] == [s.response_ids for s in engine.generate(prompts, params)]
+    assert all(s.prompt_ids == prompts[row] for row, s in stream)
+
+
 def test_sampling_params_are_validated():
     for bad in [dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0)]:
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -77,84 +88,6 @@ def test_samples_to_batch_aligns_rollout_logprobs_with_tokens():
     assert torch.allclose(batch["rollout_lp"], torch.tensor([[0, 0, -0.1, -0.2, -0.3, 0, 0]]))
     with pytest.raises(ValueError, match="more than the batch length"):
         samples_to_batch([Sample([1, 2], [3, 4, 5], [0.0] * 3, "stop")], seq_len=4)
-
-
-def test_sglang_request_and_result_formats():
-    request = sampling_params_to_sglang(SamplingParams(temperature=0.7, max_new_tokens=5, stop_token_ids=(2,), seed=9))
-    assert request["temperature"] == 0.7 and request["max_new_tokens"] == 5 and request["stop_token_ids"] == [2]
-    assert request["sampling_seed"] == 9 and request["top_k"] == -1
-    with pytest.raises(ValueError, match="top_p=1 and top_k=0"):
-        sampling_params_to_sglang(SamplingParams(top_p=0.9))
-    # the structure sglang 0.5.x returns from Engine.generate(input_ids=..., return_logprob=True)
-    output = {"output_ids": [11, 12, 2], "meta_info": {
-        "finish_reason": {"type": "stop", "matched": 2},
-        "output_token_logprobs": [(-0.5, 11, None), (-1.25, 12, None), (-0.01, 2, None)]}}
-    sample = parse_sglang_output([1, 2, 3], output)
-    assert sample.response_ids == [11, 12, 2] and sample.logprobs == [-0.5, -1.25, -0.01]
-    assert sample.finish_reason == "stop"
-    length = {"output_ids": [4], "meta_info": {"finish_reason": {"type": "length", "length": 1},
-                                                "output_token_logprobs": [(-2.0, 4, None)]}}
-    assert parse_sglang_output([1], length).finish_reason == "length"
-    with pytest.raises(RuntimeError, match="aborted"):
-        parse_sglang_output([1], {"output_ids": [], "meta_info": {"finish_reason": {"type": "abort"},
-                                                                   "output_token_logprobs": []}})
-
-
-def test_weight_buckets_respect_the_size_and_keep_order():
-    stream = [(f"w{i}", torch.full((10,), float(i))) for i in range(7)]  # 40 bytes each
-    buckets = list(weight_buckets(iter(stream), bucket_bytes=100, device="cpu"))
-    assert [len(b) for b in buckets] == [2, 2, 2, 1]
-    assert [n for b in buckets for n, _ in b] == [n for n, _ in stream]
-    assert all(torch.equal(t, dict(stream)[n]) for b in buckets for n, t in b)
-
-
-@pytest.mark.gpu
-def test_sglang_engine_matches_transformers_engine(tmp_path):
-    pytest.importorskip("sglang", reason="needs the gpu extra (SGLang)")
-    from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine
-
-    hf = tiny_hf_model("qwen3", seed=1).to(torch.bfloat16)
-    hf.save_pretrained(tmp_path)
-    engine = SGLangRolloutEngine(str(tmp_path), dtype="bfloat16", mem_fraction_static=0.2)
-    try:
-        engine.sync_weights(hf.state_dict().items())
-        params = SamplingParams(temperature=0.0, max_new_tokens=8)
-        samples = engine.generate([[5, 6, 7]], params)
-        with torch.no_grad():
-            ids = torch.tensor([[5, 6, 7] + samples[0].response_ids]).cuda()
-            greedy = hf.cuda()(ids).logits[0, 2:-1].argmax(-1).tolist()
-        assert greedy == samples[0].response_ids
-        engine.sleep()
-        engine.wake()
-        assert not math.isnan(engine.generate([[5, 6, 7]], params)[0].logprobs[0])
-    finally:
-        engine.shutdown()
-
-
-def test_sglang_engine_releases_and_resumes_only_in_turn():
-    """Issue 5: wake() on an engine never slept (the first weight sync) must not call sglang's resume, and
-    sleep() twice (the last step, then shutdown) releases once."""
-    from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine
-
-    calls = []
-
-    class FakeSGLang:
-        def release_memory_occupation(self):
-            calls.append("release")
-
-        def resume_memory_occupation(self):
-            calls.append("resume")
-
-    engine = object.__new__(SGLangRolloutEngine)  # its __init__ starts a real sglang.Engine on a GPU
-    engine.engine, engine.asleep = FakeSGLang(), False
-    engine.wake()
-    assert calls == []
-    engine.sleep()
-    engine.sleep()
-    engine.wake()
-    engine.wake()
-    engine.sleep()
-    assert calls == ["release", "resume", "release"]
 
 
 def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(monkeypatch):

@@ -1,32 +1,51 @@
 """The SGLang HTTP teacher's client against a local stand-in that answers in sglang 0.5.x's /generate format
-(the real server is GPU-only, see the gpu-marked test)."""
+(the real server is GPU-only, see the gpu-marked test). Issue 24: the stand-in can also drop the connection,
+answer 500 or 400, answer late, answer with the wrong number of log-probs, or with a missing log-prob."""
 
 import json
+import math
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
-from megatron_gopd.teachers.sglang_http import SGLangHTTPModel, build_request, parse_response
+from megatron_gopd.config import ConfigError, load_config
+from megatron_gopd.teachers import sglang_http
+from megatron_gopd.teachers.sglang_http import SGLangHTTPModel, backoff_delays, build_request, parse_response
 from tests.tiny import tiny_hf_model
 
 
 @pytest.fixture(scope="module")
 def stand_in_server():
+    """(url, model, requests seen, faults): each request takes the next fault from `faults` (none: a good answer)."""
     model = tiny_hf_model("qwen3", seed=1)
-    requests = []
+    requests, faults = [], []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             requests.append(body)
+            fault = faults.pop(0) if faults else None
+            if fault == "drop":  # the connection closes with no answer
+                self.close_connection = True
+                return
+            if fault in ("500", "400"):
+                self.send_error(int(fault))
+                return
+            if fault == "late":
+                time.sleep(2.5)
             outputs = []
             for ids in body["input_ids"]:
                 with torch.no_grad():
                     lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
                 values = lp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist()
                 entries = [[None, ids[0], None]] + [[v, t, None] for v, t in zip(values, ids[1:])]
+                if fault == "short":
+                    entries = entries[:-1]
+                if fault == "null":
+                    entries[2][0] = None
                 outputs.append({"meta_info": {"input_token_logprobs": entries, "finish_reason": {"type": "length"}}})
             payload = json.dumps(outputs).encode()
             self.send_response(200)
@@ -38,14 +57,26 @@ def stand_in_server():
         def log_message(self, *args):
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", model, requests
+    yield f"http://127.0.0.1:{server.server_address[1]}", model, requests, faults
     server.shutdown()
 
 
+@pytest.fixture
+def quick_backoff(monkeypatch):
+    monkeypatch.setattr(sglang_http, "BACKOFF_FIRST_S", 0.01)
+
+
+def expected_logprobs(model, tokens, lengths):
+    with torch.no_grad():
+        return [torch.log_softmax(model(tokens[i:i + 1, :n]).logits[0, :-1], -1).gather(
+            -1, tokens[i, 1:n, None]).squeeze(-1) for i, n in enumerate(lengths)]
+
+
 def test_remote_logprobs_match_the_model_and_skip_padding(stand_in_server):
-    url, model, requests = stand_in_server
+    url, model, requests, _ = stand_in_server
     client = SGLangHTTPModel("big", url, timeout_s=30)
     tokens = torch.tensor([[5, 9, 11, 13, 0, 0], [7, 8, 9, 10, 11, 12]])
     got = client.score_async(tokens, [4, 6]).result(timeout=60)
@@ -61,14 +92,75 @@ def test_remote_logprobs_match_the_model_and_skip_padding(stand_in_server):
 
 
 def test_errors_name_the_server():
-    client = SGLangHTTPModel("big", "http://127.0.0.1:9", timeout_s=5)  # nothing listens on port 9
-    with pytest.raises(RuntimeError, match=r"sglang model 'big' at http://127.0.0.1:9 failed"):
+    client = SGLangHTTPModel("big", "http://127.0.0.1:9", timeout_s=5, retries=0)  # nothing listens on port 9
+    with pytest.raises(RuntimeError, match=r"sglang model 'big' at http://127.0.0.1:9 failed after 1 attempt\(s\); "
+                                           r"last status: URLError"):
         client.score_async(torch.tensor([[1, 2]]), [2]).result(timeout=30)
     with pytest.raises(ValueError, match="2 input log-probs for a sequence of 3"):
         parse_response([{"meta_info": {"input_token_logprobs": [[None, 1, None], [-1.0, 2, None]]}}], [3], 3)
     with pytest.raises(ValueError, match="1 results for 2 sequences"):
         parse_response([{"meta_info": {"input_token_logprobs": []}}], [1, 1], 1)
+    with pytest.raises(ValueError, match="result 0 has no meta_info.input_token_logprobs"):
+        parse_response([{"error": "out of memory"}], [1], 1)
     assert build_request([[1, 2]])["logprob_start_len"] == 0
+
+
+def test_dropped_connections_5xx_and_wrong_lengths_are_retried(stand_in_server, quick_backoff):
+    url, model, requests, faults = stand_in_server
+    tokens, lengths = torch.tensor([[5, 9, 11, 13, 0], [7, 8, 9, 10, 11]]), [4, 5]
+    faults[:] = ["drop", "500", "short"]
+    before = len(requests)
+    got = SGLangHTTPModel("big", url, timeout_s=30, retries=3).score_async(tokens, lengths).result(timeout=60)
+    assert len(requests) - before == 4 and not faults  # three failures, then the good answer
+    for i, (n, expected) in enumerate(zip(lengths, expected_logprobs(model, tokens, lengths))):
+        assert torch.allclose(got[i, 1:n], expected, atol=1e-6)
+
+
+def test_a_late_answer_times_out_and_is_asked_again(stand_in_server, quick_backoff):
+    url, model, requests, faults = stand_in_server
+    faults[:] = ["late"]  # 2.5 s, past the attempt's share of the 4 s budget (1 s)
+    before = len(requests)
+    tokens = torch.tensor([[5, 9, 11, 13]])
+    got = SGLangHTTPModel("big", url, timeout_s=4, retries=2).score_async(tokens, [4]).result(timeout=60)
+    assert len(requests) - before == 2
+    assert torch.allclose(got[0, 1:4], expected_logprobs(model, tokens, [4])[0], atol=1e-6)
+
+
+def test_retries_end_with_the_server_and_last_status_and_4xx_is_not_retried(stand_in_server, quick_backoff):
+    url, _, requests, faults = stand_in_server
+    faults[:] = ["500"] * 3
+    before = len(requests)
+    with pytest.raises(RuntimeError, match=rf"sglang model 'big' at {url} failed after 3 attempt\(s\); "
+                                           r"last status: HTTP 500"):
+        SGLangHTTPModel("big", url, timeout_s=30, retries=2).score_async(torch.tensor([[5, 9]]), [2]).result(60)
+    assert len(requests) - before == 3
+    faults[:] = ["short"] * 2
+    with pytest.raises(RuntimeError, match="last status: bad reply: sglang returned 1 input log-probs for a "
+                                           "sequence of 2 tokens"):
+        SGLangHTTPModel("big", url, timeout_s=30, retries=1).score_async(torch.tensor([[5, 9]]), [2]).result(60)
+    faults[:] = ["400", "400"]
+    before = len(requests)
+    with pytest.raises(RuntimeError, match=r"failed after 1 attempt\(s\); last status: HTTP 400"):
+        SGLangHTTPModel("big", url, timeout_s=30, retries=3).score_async(torch.tensor([[5, 9]]), [2]).result(60)
+    assert len(requests) - before == 1  # our request is wrong: asking again would not help
+    faults.clear()
+
+
+def test_a_missing_logprob_becomes_nan_so_that_the_sample_is_dropped_and_counted(stand_in_server):
+    url, _, _, faults = stand_in_server
+    faults[:] = ["null"]
+    got = SGLangHTTPModel("big", url, timeout_s=30).score_async(torch.tensor([[5, 9, 11, 13]]), [4]).result(60)
+    assert got[0, 0] == 0 and math.isnan(got[0, 2]) and torch.isfinite(got[0, [1, 3]]).all()
+
+
+def test_backoff_is_bounded_and_retries_are_configured(tmp_path):
+    assert backoff_delays(6) == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    config = tmp_path / "c.yaml"
+    config.write_text("student: {path: s}\nteachers: [{name: t, path: t, domains: [math]}]\ndata: {train: [x.jsonl]}\n")
+    assert load_config(config, check_paths=False).faults.http_retries == 3
+    assert load_config(config, ["faults.http_retries=0"], check_paths=False).faults.http_retries == 0
+    with pytest.raises(ConfigError, match="faults.http_retries: must be >= 0"):
+        load_config(config, ["faults.http_retries=-1"], check_paths=False)
 
 
 @pytest.mark.gpu

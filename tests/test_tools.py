@@ -81,6 +81,8 @@ def test_exporter_yields_the_hf_state_dict_in_bounded_buckets(tmp_path):
         assert receiver["total_bytes"] == receiver["model_bytes"] > 8 * bucket
         for rank in result["ranks"]:  # nobody ever held more than a bucket (or one weight larger than it)
             assert rank[arch]["peak_bytes"] <= max(bucket, rank[arch]["largest_weight_bytes"]) * 1.1, (arch, rank)
+        # issue 20: with tp_receivers=2, both first-stage TP ranks (0, 1) get every weight; stage 1 (2, 3) none
+        assert [rank[arch]["every_tp_rank"] for rank in result["ranks"]] == [True, True, False, False], arch
 
 
 def test_converter_errors_are_clear(tmp_path):

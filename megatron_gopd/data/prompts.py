@@ -140,6 +140,7 @@ def load_prompts(
     on_bad_row: Literal["skip", "error"] = "skip",
     split: str = "train",
     num_proc: int | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> PromptDataset:
     """Loads, validates and tokenises prompts from `sources` (files, directories, or a hub dataset name).
 
@@ -147,6 +148,7 @@ def load_prompts(
     first one's location (on_bad_row="error"). Prompts over max_prompt_len tokens are always dropped and counted.
     A domain outside `known_domains` raises UnknownDomainError unless `default_domain_ok` (a default teacher
     exists); known_domains=None accepts every domain (e.g. evaluation without teachers).
+    `chat_template_kwargs` go to the chat template (e.g. enable_thinking=False for Qwen3's non-thinking mode).
     """
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', got {on_bad_row!r}")
@@ -177,7 +179,7 @@ def load_prompts(
         raise ValueError(f"no usable prompts in {sources!r}\n{report.summary()}")
 
     table = datasets.Dataset.from_list(rows).map(
-        lambda batch: {"prompt_ids": encode_prompts(batch["messages"], tokenizer)},
+        lambda batch: {"prompt_ids": encode_prompts(batch["messages"], tokenizer, chat_template_kwargs)},
         batched=True, remove_columns=["messages"], num_proc=num_proc, desc="tokenising prompts",
     )
     if max_prompt_len is not None:
@@ -195,12 +197,13 @@ def load_prompts(
     return PromptDataset(table, report)
 
 
-def encode_prompts(conversations: Sequence[Sequence[Mapping[str, str]]],
-                   tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids of each conversation followed by the assistant's turn (see the module doc for the templates)."""
+def encode_prompts(conversations: Sequence[Sequence[Mapping[str, str]]], tokenizer: PreTrainedTokenizerBase,
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
+    """Token ids of each conversation followed by the assistant's turn (see the module doc for the templates);
+    `chat_template_kwargs` are the chat template's variables (without a template there is nothing to pass)."""
     if getattr(tokenizer, "chat_template", None):
-        texts = tokenizer.apply_chat_template([list(c) for c in conversations],
-                                              add_generation_prompt=True, tokenize=False)
+        texts = tokenizer.apply_chat_template([list(c) for c in conversations], add_generation_prompt=True,
+                                              tokenize=False, **(chat_template_kwargs or {}))
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return tokenizer([plain_template(c) for c in conversations])["input_ids"]
 
@@ -236,6 +239,16 @@ def _resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) -
     if not resolved:
         raise ValueError("no prompt sources given")
     return resolved
+
+
+def read_raw_rows(sources: str | os.PathLike | Sequence[str | os.PathLike],
+                  split: str = "train") -> Iterator[tuple[str, Any]]:
+    """(location, row) for every row of `sources`, unvalidated, as load_prompts reads them (tools/prepare_data.py
+    maps other layouts to ours with it); a line that is not JSON raises ValueError naming its location."""
+    for location, row in _read_rows(_resolve_sources(sources), split):
+        if isinstance(row, _RowProblem):
+            raise ValueError(f"{location}: {row.reason}: {row.detail}")
+        yield location, row
 
 
 def _read_rows(sources: list[str], split: str) -> Iterator[tuple[str, Any]]:

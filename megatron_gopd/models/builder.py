@@ -59,6 +59,30 @@ def layer_spec(dims: ModelDims, fp8: str | None, attention: str = "auto"):
     return spec
 
 
+class RoleAmaxGroups:
+    """The two questions megatron's fp8 context (fp8_utils.get_fp8_context) asks `parallel_state`, answered with
+    one role's groups. parallel_state is never initialised here, so megatron would pass fp8_group=None and
+    Transformer Engine would reduce its amax statistics over the WORLD, dedicated teacher ranks included, which
+    never join: a hang. The group is megatron's own choice (TP x DP x CP, or TP x CP with tp_only_amax_red)."""
+
+    def __init__(self, pgc: ProcessGroupCollection):
+        self.pgc = pgc
+
+    def model_parallel_is_initialized(self) -> bool:
+        return True
+
+    def get_amax_reduction_group(self, with_context_parallel: bool = False, tp_only_amax_red: bool = False):
+        # cp is 1 in every layout here, so the groups with and without context parallelism coincide
+        return self.pgc.tp_cp if tp_only_amax_red else self.pgc.tp_dp_cp
+
+
+def route_fp8_amax_reduction(pgc: ProcessGroupCollection) -> None:
+    """Makes megatron's fp8 context reduce amax over this role's groups (see RoleAmaxGroups)."""
+    from megatron.core import fp8_utils
+
+    fp8_utils.parallel_state = RoleAmaxGroups(pgc)  # fp8_utils reads nothing else from parallel_state
+
+
 def build_model(
     dims: ModelDims,
     pgc: ProcessGroupCollection,
@@ -73,6 +97,8 @@ def build_model(
     the core attention that `layer_spec` picks for `attention`."""
     tp, pp = pgc.tp.size(), pgc.pp.size()
     config = transformer_config(dims, tp=tp, pp=pp, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe)
+    if fp8:
+        route_fp8_amax_reduction(pgc)
     # Seeds the per-TP-rank RNG states; with CPU initialisation the full weight is drawn then sliced, so the
     # initial model is the same at every TP size.
     tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pgc.tp.rank(), ep_rank=0, etp_rank=0)

@@ -63,19 +63,21 @@ def _buckets(dims: ModelDims, weights: list[ResolvedWeight], bucket_bytes: int, 
 
 @torch.no_grad()
 def export_hf_weights(
-    gpt: GPTModel, dims: ModelDims, *, bucket_bytes: int = 512 << 20, stats: ExportStats | None = None
+    gpt: GPTModel, dims: ModelDims, *, bucket_bytes: int = 512 << 20, stats: ExportStats | None = None,
+    tp_receivers: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields every HF weight of the model on this DP replica's (tp=0, pp=0) rank; elsewhere yields nothing.
+    """Yields every HF weight of the model on this DP replica's first-stage ranks of TP rank < `tp_receivers`
+    (by default the (tp=0, pp=0) rank alone; an SGLang engine spanning TP wants all of them); elsewhere nothing.
 
     Every rank of the replica's TP x PP group must exhaust the iterator (it drives collectives). At most one
-    bucket of full tensors (plus one weight larger than a bucket) exists at a time on the receiving rank, and
+    bucket of full tensors (plus one weight larger than a bucket) exists at a time on a receiving rank, and
     one weight's TP shards on the others. The yielded tensors are only valid until the next bucket.
     """
     pgc = gpt.pg_collection
     tp, pp = pgc.tp.size(), pgc.pp.size()
-    stage, is_tp0 = pgc.pp.rank(), pgc.tp.rank() == 0
+    stage, receives = pgc.pp.rank(), pgc.tp.rank() < tp_receivers  # this TP index of the first stage receives
     dst = dist.get_global_rank(pgc.pp, 0) if pp > 1 else dist.get_rank()
-    is_dst = stage == 0 and is_tp0
+    is_dst = stage == 0 and receives
     stats = stats if stats is not None else ExportStats()
     offset = layer_offset(gpt)
     local = {local_to_global_name(name, offset): p for name, p in gpt.named_parameters()}
@@ -97,10 +99,10 @@ def export_hf_weights(
                     stats.hold(gathered)
                 else:
                     shards = [shard]
-                tensors = to_hf_tensors(dims, weight, shards) if is_tp0 else None
+                tensors = to_hf_tensors(dims, weight, shards) if receives else None
                 del shards
                 stats.release(gathered)
-            if owner != 0 and is_tp0 and stage in (0, owner):
+            if owner != 0 and receives and stage in (0, owner):
                 if stage == owner:
                     for t in tensors:
                         dist.send(t.contiguous(), dst=dst)

@@ -63,6 +63,29 @@ def shifted_token_logprobs(
     return shift(lp), (shift(ent) if ent is not None else None)
 
 
+def fp8_padded_length(seq: int, config) -> int:
+    """Transformer Engine's FP8 GEMMs need the token count of every micro-batch in multiples of 16 (32 for
+    MXFP8; megatron's get_fp8_align_size), per TP rank under sequence parallelism; other runs keep `seq`."""
+    if not config.fp8:
+        return seq
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    align = get_fp8_align_size(config.fp8_recipe)
+    if config.sequence_parallel:
+        align *= config.tensor_model_parallel_size
+    return math.ceil(seq / align) * align
+
+
+def pad_tokens(mb: MicroBatch, seq: int) -> MicroBatch:
+    """The micro-batch with every per-token [batch, s] tensor right-padded with zeros to `seq` (masks are 0
+    there, so the padding takes no part in any loss or metric; attention is causal, so no earlier token sees it)."""
+    batch, length = mb["tokens"].shape
+    if length == seq:
+        return mb
+    return {k: torch.nn.functional.pad(v, (0, seq - length)) if isinstance(v, torch.Tensor) and v.dim() >= 2
+            and v.shape[:2] == (batch, length) else v for k, v in mb.items()}
+
+
 def to_device(mb: MicroBatch, target: torch.device) -> MicroBatch:
     """The micro-batch's tensors on `target` (the same dict's tensors, unchanged, when they are there already)."""
     return {k: v.to(target, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
@@ -121,6 +144,7 @@ class ParallelModel:
         Each micro-batch reaches `loss_fn` with its tensors on the model's device, as do the log-probs. A packed
         micro-batch (models/packing.py) runs each of its rows as if alone; `loss_fn` sees its [1, T] tensors."""
         pgc, config = self.pgc, self.gpt.config
+        micro_batches = [pad_tokens(mb, fp8_padded_length(mb["tokens"].shape[1], config)) for mb in micro_batches]
         batch, seq = micro_batches[0]["tokens"].shape
         target = device()
         if any(ROW_BOUNDS in mb for mb in micro_batches):
@@ -179,7 +203,8 @@ class ParallelModel:
 
         self.module.eval()
         outputs = self.run(micro_batches, keep, temperature=temperature, forward_only=True, with_entropy=False)
-        results = [o["logprobs"] for o in outputs] if self.is_last_stage else [
+        results = [o["logprobs"][:, :mb["tokens"].shape[1]] for o, mb in zip(outputs, micro_batches)  # no FP8 pad
+                   ] if self.is_last_stage else [
             torch.empty(mb["tokens"].shape) for mb in micro_batches
         ]
         if self.pgc.pp.size() > 1:  # the last stage computed them; the other stages need them too
@@ -221,6 +246,7 @@ class TrainableModel(ParallelModel):
             lr_decay_style=optim.decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
             wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
         )
+        self._offloaded = False
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
@@ -251,6 +277,25 @@ class TrainableModel(ParallelModel):
             self.scheduler.step(increment=1)
         return outputs, {"grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
                          "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def release_memory(self, offload: bool) -> None:
+        """Hands the GPU to the co-located rollout engine between steps: with `offload`, the optimizer state (and
+        the fp32 main weights it steps) and the gradient buffers move to host; then the caching allocator returns
+        every free block to the device. A no-op on CPU."""
+        if device().type != "cuda":
+            return
+        if offload and not self._offloaded:
+            self.optimizer.offload_to_cpu()
+            self.module.offload_grad_buffers(empty_cache=False)
+            self._offloaded = True
+        torch.cuda.empty_cache()
+
+    def reclaim_memory(self) -> None:
+        """Brings back what `release_memory` offloaded, before the next update."""
+        if self._offloaded:
+            self.module.restore_grad_buffers()
+            self.optimizer.restore_from_cpu()
+            self._offloaded = False
 
     def _grads_finite(self) -> bool:
         """Checks the reduced gradients in DDP's buffers on every rank of the role, before any update."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Protocol
+from typing import Iterable, Iterator, Literal, Protocol
 
 import torch
 
@@ -45,15 +45,23 @@ class Sample:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]: ...
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """One sample per prompt, in prompt order."""
+
+    def generate_iter(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, Sample]]:
+        """Every prompt's sample once, as (row index, sample), as soon as it is finished: in any order (SGLang
+        submits all prompts at once), or in prompt order, chunk by chunk (the transformers engine)."""
 
     def sync_weights(self, weights: WeightStream) -> None: ...
 
     def sleep(self) -> None:
-        """Release accelerator memory for training."""
+        """Release accelerator memory for training: the KV cache first, then the weights."""
 
-    def wake(self) -> None:
-        """Regain it for generation."""
+    def wake_weights(self) -> None:
+        """Regain memory for the weights, before a weight sync."""
+
+    def wake_cache(self) -> None:
+        """Regain the KV cache, after the weight sync and before generation."""
 
     def shutdown(self) -> None: ...
 

@@ -1,6 +1,16 @@
-"""The student's rollout: one engine per DP replica, on the replica's (tp=0, pp=0) rank, fed by the exporter."""
+"""The student's rollout: one engine per DP replica, led by the replica's (tp=0, pp=0) rank, fed by the exporter.
+
+Memory moves between the trainer and the engine in stages, in this order each step (the engine and the trainer
+share the replica's GPUs):
+    sync_weights: the trainer frees its transient memory (and with `offload_optimizer` moves the optimizer state
+                  and gradient buffers to host) -> the engine regains its weights -> the weights stream in ->
+                  the engine regains its KV cache
+    sleep:        the engine releases its KV cache, then its weights -> the trainer takes its memory back
+"""
 
 from __future__ import annotations
+
+from typing import Iterator, Protocol
 
 import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
@@ -10,23 +20,48 @@ from megatron_gopd.models.export import export_hf_weights
 from megatron_gopd.rollout.base import RolloutEngine, Sample, SamplingParams
 
 
+class TrainerMemory(Protocol):  # models.parallel_model.TrainableModel
+    def release_memory(self, offload: bool) -> None: ...
+
+    def reclaim_memory(self) -> None: ...
+
+
 class ColocatedRollout:
-    def __init__(self, engine: RolloutEngine | None, student: GPTModel, dims: ModelDims, *, bucket_bytes: int):
+    def __init__(self, engine: RolloutEngine | None, student: GPTModel, dims: ModelDims, *, bucket_bytes: int,
+                 engine_ranks: int = 1, weight_peer=None, trainer: TrainerMemory | None = None,
+                 offload_optimizer: bool = False):
+        """`engine` lives on the replica's leader. An engine spanning `engine_ranks` > 1 TP ranks (SGLang) takes
+        full weights from each of them: the other first-stage TP ranks pass their `weight_peer` (a WeightHandoff)."""
         self.mp = student.pg_collection.mp
         self.is_leader = self.mp.rank() == 0
         if self.is_leader != (engine is not None):
             raise ValueError("the rollout engine lives on exactly the (tp=0, pp=0) rank of each student replica")
+        pgc = student.pg_collection
+        hosts_engine_rank = pgc.pp.rank() == 0 and 0 < pgc.tp.rank() < engine_ranks
+        if hosts_engine_rank != (weight_peer is not None):
+            raise ValueError(f"an engine over {engine_ranks} TP ranks takes a weight peer on exactly the other "
+                             "first-stage TP ranks that host its ranks")
         self.engine, self.student, self.dims, self.bucket_bytes = engine, student, dims, bucket_bytes
+        self.engine_ranks, self.weight_peer = engine_ranks, weight_peer
+        self.trainer, self.offload_optimizer = trainer, offload_optimizer
 
     def sync_weights(self) -> None:
         """Streams the student's current weights into the engine (every rank of the replica takes part)."""
-        stream = export_hf_weights(self.student, self.dims, bucket_bytes=self.bucket_bytes)
+        if self.trainer is not None:
+            self.trainer.release_memory(offload=self.offload_optimizer)
         if self.engine is not None:
-            self.engine.wake()
+            self.engine.wake_weights()
+        stream = export_hf_weights(self.student, self.dims, bucket_bytes=self.bucket_bytes,
+                                   tp_receivers=self.engine_ranks)
+        if self.engine is not None:
             self.engine.sync_weights(stream)
+        elif self.weight_peer is not None:
+            self.weight_peer.send(stream, update=None)
         else:
             for _ in stream:
                 pass
+        if self.engine is not None:
+            self.engine.wake_cache()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         """The leader generates; the other ranks of its TP x PP group receive the same samples."""
@@ -35,6 +70,23 @@ class ColocatedRollout:
             dist.broadcast_object_list(result, src=dist.get_global_rank(self.mp, 0), group=self.mp)
         return result[0]
 
+    def generate_iter(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, Sample]]:
+        """(row, sample) as the engine finishes them (see RolloutEngine.generate_iter), on every rank of the
+        leader's TP x PP group, in the leader's order: each is broadcast as it comes, then an end marker."""
+        if self.mp.size() == 1:
+            yield from self.engine.generate_iter(prompts, params)
+            return
+        source = self.engine.generate_iter(prompts, params) if self.is_leader else None
+        src = dist.get_global_rank(self.mp, 0)
+        while True:
+            item = [next(source, None) if self.is_leader else None]
+            dist.broadcast_object_list(item, src=src, group=self.mp)
+            if item[0] is None:
+                return
+            yield item[0]
+
     def sleep(self) -> None:
         if self.engine is not None:
             self.engine.sleep()
+        if self.trainer is not None:
+            self.trainer.reclaim_memory()

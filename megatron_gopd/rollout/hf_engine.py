@@ -9,6 +9,7 @@ generator for reproducible sampling, and none of generate()'s per-step overhead.
 from __future__ import annotations
 
 import inspect
+from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
@@ -82,15 +83,18 @@ class HFRolloutEngine:
             raise KeyError(f"weight sync did not provide {sorted(missing)[:5]} ({len(missing)} tensors)")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        return [sample for _, sample in self.generate_iter(prompts, params)]
+
+    def generate_iter(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, Sample]]:
+        """(row, sample) in prompt order, a batch of `max_batch_size` rows at a time (one generator per call)."""
         generator = torch.Generator(device=self.device)
         if params.seed is not None:
             generator.manual_seed(params.seed)
         else:
             generator.seed()
-        out = []
         for start in range(0, len(prompts), self.max_batch_size):
-            out += self._generate_batch(prompts[start:start + self.max_batch_size], params, generator)
-        return out
+            batch = self._generate_batch(prompts[start:start + self.max_batch_size], params, generator)
+            yield from enumerate(batch, start)
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator) -> list[Sample]:
@@ -137,9 +141,12 @@ class HFRolloutEngine:
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake(self) -> None:
+    def wake_weights(self) -> None:
         if self.device.type == "cuda":
             self.model.to(self.device)
+
+    def wake_cache(self) -> None:
+        """The KV cache is allocated per generate call."""
 
     def shutdown(self) -> None:
         del self.model, self._params

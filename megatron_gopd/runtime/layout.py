@@ -14,10 +14,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import megatron.core
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
+
+# The megatron-core minor versions whose sources this layout was checked against (0.16.1, 0.17.0, 0.18.0, 0.19.2):
+# HyperCommGrid(shape, dim_names, rank_offset) with create_pg(dims, timeout=...) and get_rank_enum(dims),
+# ProcessGroupCollection taking every group below by name (0.18 and 0.19 add groups that megatron fills from
+# parallel_state, i.e. None here, which switches those features off), and parallel_state's global memory buffer.
+CHECKED_MEGATRON = ("0.16", "0.17", "0.18", "0.19")
+
+
+def check_megatron_version(version: str) -> None:
+    """A megatron-core outside the checked versions fails here, before any group exists, rather than misbehave."""
+    if ".".join(version.split(".")[:2]) not in CHECKED_MEGATRON:
+        raise RuntimeError(
+            f"megatron-core {version} is not one the role layout was checked against ({', '.join(CHECKED_MEGATRON)}"
+            ".x): its HyperCommGrid / ProcessGroupCollection may differ. Install one of those (setup.cfg pins "
+            "megatron-core>=0.16,<0.20), or check megatron_gopd/runtime/layout.py against its sources")
+
 
 # Megatron's default rank order, fastest-varying first: tp-cp-ep-dp-pp.
 _DIMS = ["tp", "cp", "ep", "dp", "pp"]
@@ -95,7 +112,7 @@ def _build_role(name: str, shape: ParallelShape, first_rank: int, timeout: timed
     groups = {key: grid.create_pg(dims, timeout=timeout) for key, dims in _GRID_GROUPS.items()}
     world = grid.create_pg(_DIMS, timeout=timeout)
     # Tied embeddings are all-reduced between the first and last pipeline stages; rope needs no position group.
-    pp_enum = grid._gen_rank_enum(["pp"])
+    pp_enum = grid.get_rank_enum("pp")
     groups["embd"], _ = dist.new_subgroups_by_enumeration(
         [sorted({r[0], r[-1]}) for r in pp_enum], timeout=timeout
     )
@@ -123,6 +140,7 @@ def build_layout(
     Dedicated models are placed one after another, after the student's ranks, in the order given. A colocated
     model must have the student's shape and shares its groups.
     """
+    check_megatron_version(megatron.core.__version__)
     timeout = timedelta(seconds=timeout_s)
     layout = RoleLayout(student=_build_role("student", student, 0, timeout))
     next_rank = student.size

@@ -2,18 +2,28 @@
 prefill-only scoring of given token ids through `POST /generate` with `return_logprob`.
 
 UNVERIFIED against a live server until a GPU run records it (see README). Request building and response parsing
-follow sglang 0.5.x's documented format and are tested on CPU against a local stand-in server. SGLang reports input
-log-probs at temperature 1, so the config requires rollout.temperature == 1 with such a model.
+follow sglang 0.5.x's documented format and are tested on CPU against a local stand-in server, also made to drop
+connections, answer 500, answer late and answer with the wrong length. SGLang reports input log-probs at
+temperature 1, so the config requires rollout.temperature == 1 with such a model.
+
+Over a long run the network fails now and then: a connection error, a 5xx answer, a timeout or a malformed reply
+is retried `retries` times with exponential backoff (0.5 s, 1 s, 2 s, ... at most 8 s), all within the client's
+`timeout_s`; a 4xx answer (our request is wrong) is not. Every reply is checked: one result per sequence and one
+log-prob per input token. A missing or non-finite log-prob becomes NaN, which drops (and counts) that sample.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
 
 
 def build_request(rows: list[list[int]]) -> dict:
@@ -26,25 +36,33 @@ def build_request(rows: list[list[int]]) -> dict:
 
 
 def parse_response(response: list[dict] | dict, lengths: list[int], seq: int) -> torch.Tensor:
-    """-> [rows, seq] log-probs aligned with the tokens (entry 0, which sglang reports as null, is 0)."""
+    """-> [rows, seq] log-probs aligned with the tokens (entry 0, which sglang reports as null, is 0; any other
+    null is NaN). Raises ValueError on a reply of the wrong shape."""
     outputs = response if isinstance(response, list) else [response]
     if len(outputs) != len(lengths):
         raise ValueError(f"sglang returned {len(outputs)} results for {len(lengths)} sequences")
     out = torch.zeros(len(lengths), seq)
     for i, (result, length) in enumerate(zip(outputs, lengths)):
-        entries = result["meta_info"]["input_token_logprobs"]
+        try:
+            entries = result["meta_info"]["input_token_logprobs"]
+        except (KeyError, TypeError):
+            raise ValueError(f"sglang result {i} has no meta_info.input_token_logprobs") from None
         if len(entries) != length:
             raise ValueError(f"sglang returned {len(entries)} input log-probs for a sequence of {length} tokens")
-        values = [0.0 if e[0] is None else float(e[0]) for e in entries]
+        values = [0.0] + [math.nan if e[0] is None else float(e[0]) for e in entries[1:]]
         out[i, :length] = torch.tensor(values)
     return out
+
+
+def backoff_delays(retries: int) -> list[float]:
+    return [min(BACKOFF_FIRST_S * 2**k, BACKOFF_MAX_S) for k in range(retries)]
 
 
 class SGLangHTTPModel:
     """Scores micro-batches on a remote SGLang server in background threads, so requests overlap the student."""
 
-    def __init__(self, name: str, url: str, *, timeout_s: float, workers: int = 4):
-        self.name, self.url, self.timeout_s = name, url.rstrip("/"), timeout_s
+    def __init__(self, name: str, url: str, *, timeout_s: float, retries: int = 3, workers: int = 4):
+        self.name, self.url, self.timeout_s, self.retries = name, url.rstrip("/"), timeout_s, retries
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sglang-{name}")
         self.forward_calls = self.samples_scored = 0
 
@@ -55,15 +73,30 @@ class SGLangHTTPModel:
         return self._pool.submit(self._post, rows, lengths, tokens.shape[1])
 
     def _post(self, rows: list[list[int]], lengths: list[int], seq: int) -> torch.Tensor:
-        request = urllib.request.Request(
-            f"{self.url}/generate", data=json.dumps(build_request(rows)).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                return parse_response(json.loads(reply.read()), lengths, seq)
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            raise RuntimeError(f"sglang model {self.name!r} at {self.url} failed: {e}") from e
+        delays = backoff_delays(self.retries)
+        # every attempt and every pause fit in timeout_s, the time the scorer waits for the answer
+        attempt_timeout = max((self.timeout_s - sum(delays)) / (self.retries + 1), 1.0)
+        body = json.dumps(build_request(rows)).encode()
+        for attempt, delay in enumerate(delays + [None]):
+            request = urllib.request.Request(f"{self.url}/generate", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=attempt_timeout) as reply:
+                    return parse_response(json.loads(reply.read()), lengths, seq)
+            except urllib.error.HTTPError as e:
+                status = f"HTTP {e.code} {e.reason}"
+                if e.code < 500:
+                    raise RuntimeError(self._failed(attempt, status)) from e
+            except (urllib.error.URLError, TimeoutError, OSError) as e:  # refused, reset, dropped, timed out
+                status = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except ValueError as e:  # a reply that is not JSON, or of the wrong shape
+                status = f"bad reply: {e}"
+            if delay is None:
+                raise RuntimeError(self._failed(attempt, status))
+            time.sleep(delay)
+
+    def _failed(self, attempt: int, status: str) -> str:
+        return f"sglang model {self.name!r} at {self.url} failed after {attempt + 1} attempt(s); last status: {status}"
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

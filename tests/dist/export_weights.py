@@ -1,4 +1,5 @@
-"""The streaming exporter on a TP x PP model: the HF state dict comes back bit-exact, in bounded buckets."""
+"""The streaming exporter on a TP x PP model: the HF state dict comes back bit-exact, in bounded buckets, on the
+replica's (tp=0, pp=0) rank, or on every first-stage TP rank (tp_receivers)."""
 
 import argparse
 import json
@@ -44,6 +45,11 @@ for arch in ["llama", "qwen2", "qwen3", "qwen3_tied"]:
             total_bytes=stats.total_bytes,
             model_bytes=sum(v.numel() * 4 for v in expected.values()),
         )
+    # an SGLang engine spanning TP takes full weights on every first-stage TP rank (PP stages send to each)
+    every_tp = {name: t.clone() for name, t in export_hf_weights(gpt, dims, bucket_bytes=args.bucket_bytes,
+                                                                 tp_receivers=args.tp)}
+    entry["every_tp_rank"] = bool(every_tp) and sorted(every_tp) == sorted(expected) and all(
+        torch.equal(every_tp[k], expected[k]) for k in expected)
     results[arch] = entry
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, results)

@@ -56,6 +56,22 @@ members["role_world"] = dist.get_process_group_ranks(
     layout.student.world if role == "student" else layout.frozen[role].world
 )
 
+# The group megatron's fp8 context (fp8_utils.get_fp8_context) hands Transformer Engine for the amax reduction,
+# asked as it asks (fp8_utils binds parallel_state only when TE is installed); None means the WORLD.
+from megatron.core import fp8_utils, parallel_state
+
+from megatron_gopd.models.builder import route_fp8_amax_reduction
+
+route_fp8_amax_reduction(pgc)
+state = getattr(fp8_utils, "parallel_state", parallel_state)
+amax = state.get_amax_reduction_group(with_context_parallel=True) if state.model_parallel_is_initialized() else None
+fp8 = {"amax_group": "WORLD" if amax is None else dist.get_process_group_ranks(amax),
+       "tp_only": dist.get_process_group_ranks(state.get_amax_reduction_group(True, tp_only_amax_red=True))
+       if amax is not None else "WORLD",
+       "megatron_parallel_state_untouched": not parallel_state.model_parallel_is_initialized()}
+if amax is not None:
+    dist.all_reduce(torch.ones(1), group=amax)  # only the role's own ranks take part
+
 hf = tiny_hf_model("llama")
 dims = ModelDims.from_hf(hf.config)
 tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -71,7 +87,8 @@ else:
 collectives = sorted(TRACE)
 
 gathered = [None] * dist.get_world_size()
-dist.all_gather_object(gathered, {"rank": rank, "role": role, "members": members, "collectives": collectives})
+dist.all_gather_object(gathered, {"rank": rank, "role": role, "members": members, "collectives": collectives,
+                                  "fp8": fp8})
 if rank == 0:
     with open(args.out, "w") as f:
         json.dump({"ranks": gathered, "world_size": layout.world_size,
