@@ -44,7 +44,7 @@ QWEN3_RECIPES = [r for r in RECIPES if "qwen3" in r or "grpo" in r]
 
 @pytest.mark.parametrize("recipe", QWEN3_RECIPES)
 def test_qwen3_recipes_render_the_non_thinking_chat_template(recipe):
-    config = load_config(ROOT / recipe, world_size=RECIPES[recipe], check_paths=False)
+    config = load_config(ROOT / recipe, world_size=RECIPES[recipe][0], check_paths=False)
     assert config.data.chat_template_kwargs == {"enable_thinking": False}
 
 
