@@ -53,16 +53,15 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
     """Runs in the forked child: builds the models, warms up, then measures `steps` steps."""
     import torch
 
-    from megatron_gopd.algo.gopd import (
+    from megatron_gopd.algo.losses import (
         PolicyLossConfig,
         gopd_advantages,
         loss_denominator,
         policy_loss,
     )
-    from megatron_gopd.config import OptimConfig
     from megatron_gopd.models.architectures import ModelDims
     from megatron_gopd.models.builder import build_model
-    from megatron_gopd.models.parallel_model import ParallelModel, TrainableModel
+    from megatron_gopd.models.parallel_model import ParallelModel, TrainableModel, adam
     from megatron_gopd.runtime.distributed import init_distributed
     from megatron_gopd.runtime.layout import ParallelShape, build_layout
 
@@ -70,8 +69,8 @@ def _measure(hf_dir: str, length: int, steps: int, conn) -> None:
         init_distributed()
         layout = build_layout(ParallelShape())
         dims = ModelDims.from_hf(hf_dir)
-        student = TrainableModel(build_model(dims, layout.student.pgc, seed=0), dims, OptimConfig(lr=1e-5),
-                                 layout.student.world, total_steps=steps + 1)
+        student = TrainableModel(build_model(dims, layout.student.pgc, seed=0), dims, adam(1e-5),
+                                 layout.student.world)
         teacher = ParallelModel(build_model(dims, layout.student.pgc, seed=1).requires_grad_(False).eval(), dims)
         cfg = PolicyLossConfig(aggregation="token-mean")
 

@@ -83,6 +83,7 @@ def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
     import yaml
 
     from megatron_gopd.config import load_config
+    from megatron_gopd.session import check_run
     from megatron_gopd.runtime.distributed import init_distributed, seed_everything
 
     root = checkpoints()
@@ -102,14 +103,15 @@ def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
         "log": {"tensorboard": False, "progress": False},
     }
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-    cfg = load_config(tmp / "config.yaml", world_size=1)
+    cfg = load_config(tmp / "config.yaml")
+    check_run(cfg, world_size=1)
     init_distributed()  # once per process: a second run in it reuses the group and builds its own layout
 
-    from megatron_gopd.session import build_run
+    from megatron_gopd.session import build_session
     from megatron_gopd.trainer import Trainer
 
     seed_everything(cfg.train.seed)
-    Trainer(build_run(cfg)).run()
+    Trainer(build_session(cfg)).train()
     steps = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()[1:]]  # not the first
     phases = {}
     for m in steps:

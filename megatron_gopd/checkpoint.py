@@ -34,7 +34,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from torch.distributed.checkpoint import CheckpointException
 
-from megatron_gopd.runtime.distributed import collectives_scoped_to
+from megatron_gopd.runtime.distributed import collectives_scoped_to, computed_on
 
 FORMAT_VERSION = 1
 META_FILE = "megatron_gopd.json"
@@ -73,12 +73,6 @@ def step_dir_name(step: int) -> str:
 
 
 # ---- collectives of one role ------------------------------------------------------------------------------
-
-def _broadcast_from_first(obj: Any, group: dist.ProcessGroup) -> Any:
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-    return box[0]
-
 
 def _all_gather(obj: Any, group: dist.ProcessGroup) -> list:
     out = [None] * group.size()
@@ -480,9 +474,7 @@ def _write_rank_files(tmp: Path, trainable, step: int, trainer_state: dict, rank
 def _write_manifest(tmp: Path, group: dist.ProcessGroup) -> None:
     """Every rank checksums and fsyncs a share of the files; rank 0 writes the manifest from all shares."""
     rank = group.rank()
-    files = _broadcast_from_first(
-        sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if rank == 0 else None, group
-    )
+    files = computed_on(group, lambda: sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
     share = _on_ranks(group, f"checksumming {tmp}",
                       lambda: {f: _fsync_and_describe(tmp / f) for f in files[rank::group.size()]})
     entries = {name: entry for share in _all_gather(share, group) for name, entry in share.items()}
@@ -539,9 +531,7 @@ def _candidates(root: Path, resume: str) -> list[Path]:
 
 def _choose_checkpoint(root: Path, resume: str, group: dist.ProcessGroup) -> Path | None:
     """Rank 0 names the candidates; every rank verifies a share of each; all ranks take the same one."""
-    candidates = _broadcast_from_first(
-        [str(p) for p in _candidates(root, resume)] if group.rank() == 0 else None, group
-    )
+    candidates = computed_on(group, lambda: [str(p) for p in _candidates(root, resume)])
     for candidate in map(Path, candidates):
         problems = sorted(p for share in _all_gather(_verify_share(candidate, group), group) for p in share)
         if not problems:
@@ -601,3 +591,47 @@ def load_training_checkpoint(
     per_rank = torch.load(rank_file, weights_only=True, map_location="cpu")
     restore_rng_state(per_rank["rng"])
     return training["trainer_state"], per_rank["caller"]
+
+
+# ---- the owner of a run's resumable state -----------------------------------------------------------------
+
+
+class Stateful(Protocol):
+    """torch's convention: what a checkpoint needs of an object to restore it (JSON-able here)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class TrainingCheckpointer:
+    """The one owner of a run's resumable state: in one atomic checkpoint per save, the trainable model (weights,
+    optimizer, LR schedule), every RNG stream, and the state of each `Stateful` it holds (the trainer's counters,
+    the prompt sampler); `restore` puts all of it back. Collective over `group`, the student's ranks."""
+
+    def __init__(self, root: PathLike, trainable, states: dict[str, Stateful], *, group: dist.ProcessGroup,
+                 keep_last: int, hf_dir: PathLike | None = None):
+        self.root, self.trainable, self.states = Path(root), trainable, states
+        self.group, self.keep_last, self.hf_dir = group, keep_last, hf_dir
+
+    def save(self, step: int) -> Path:
+        return save_training_checkpoint(self.root, step, self.trainable, keep_last=self.keep_last, group=self.group,
+                                        hf_dir=self.hf_dir,
+                                        trainer_state={name: s.state_dict() for name, s in self.states.items()})
+
+    def restore(self, resume: str) -> bool:
+        """Restores the newest verified checkpoint (`resume` "auto") or the one `resume` names; nothing with
+        "never" or before the first save. Returns whether it restored one."""
+        if resume == "never":
+            return False
+        loaded = load_training_checkpoint(self.root, self.trainable, resume, group=self.group)
+        if loaded is None:
+            return False
+        trainer_state = loaded[0]
+        missing = sorted(set(self.states) - set(trainer_state))
+        if missing:
+            raise ValueError(f"the checkpoint restored from {self.root} holds no state for {missing} (written by an "
+                             "older megatron-gopd?); start a new run from its weights (student.path) instead")
+        for name, state in self.states.items():
+            state.load_state_dict(trainer_state[name])
+        return True

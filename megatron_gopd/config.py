@@ -1,20 +1,27 @@
-"""The one typed config of a run: YAML plus dotted command-line overrides, validated before any process group.
+"""The one typed config of a run: YAML plus dotted command-line overrides, checked before any process group.
 
-OmegaConf merges the YAML and the overrides onto these dataclasses and checks types; `validate()` checks what
-types cannot (sizes, paths, cross-field rules) and names the offending key in every error.
+OmegaConf merges the YAML and the overrides onto these dataclasses and checks types and choices (`Literal`);
+`validate()` checks what types cannot (ranges and cross-field rules) and names the offending key in every error.
+What needs more than the config itself (the objective's own rules, the world size, files on disk) is checked by
+`session.check_run` before any process group exists.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, get_args, get_type_hints
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+Dtype = Literal["fp32", "bf16"]
+Placement = Literal["colocated", "dedicated", "sglang"]
+Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"]
 
 
 class ConfigError(ValueError):
@@ -31,53 +38,60 @@ class ParallelConfig:
 class StudentConfig:
     path: str = MISSING  # a megatron-gopd model checkpoint (tools/convert_hf_to_megatron.py) with hf/ inside
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    dtype: str = "fp32"  # fp32 | bf16
-    fp8: Optional[str] = None  # e4m3 | hybrid (GPU + Transformer Engine only)
+    dtype: Dtype = "fp32"
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None  # GPU + Transformer Engine only
     fp8_recipe: str = "delayed"
     # auto: Transformer Engine's fused attention where TE and a GPU are, else torch's fused attention (sdpa,
     # linear memory); megatron: megatron-core's local attention (S x S scores); te: TE or an error
-    attention: str = "auto"
+    attention: Literal["auto", "sdpa", "megatron", "te"] = "auto"
 
 
 @dataclass
-class TeacherConfig:
-    name: str = MISSING
-    path: str = MISSING
-    domains: list[str] = field(default_factory=list)
-    placement: str = "colocated"  # colocated (student's ranks) | dedicated (ranks of its own) | sglang (a server)
+class FrozenModelConfig:
+    """A model that only scores: a teacher or the reference."""
+
+    path: Optional[str] = None
+    placement: Placement = "colocated"  # the student's ranks | ranks of its own | an SGLang server (`url`)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # dedicated only; colocated = the student's
-    dp: int = 1  # replicas, for dedicated teachers
-    dtype: str = "fp32"
+    dp: int = 1  # replicas, for dedicated models
+    dtype: Dtype = "fp32"
     url: Optional[str] = None  # placement sglang: the server's base URL; `path` is then a HF dir (tokenizer)
 
 
 @dataclass
-class ReferenceConfig:
-    path: Optional[str] = None  # None: the student's initial weights (no extra file); else e.g. the teacher's base
-    placement: str = "colocated"
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    dp: int = 1
-    dtype: str = "fp32"
-    url: Optional[str] = None
+class TeacherConfig(FrozenModelConfig):
+    name: str = MISSING
+    path: Optional[str] = MISSING
+    domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReferenceConfig(FrozenModelConfig):
+    """path None: the student's initial weights (no extra file); else e.g. the teacher's pre-RL base."""
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "gopd"  # gopd | grpo | sft
+    name: Literal["gopd", "grpo", "sft"] = "gopd"  # the objective: algo/objectives.py
     lam: float = 1.0  # G-OPD reward scale: 1 = OPD, 1.25 = ExOPD
-    loss: str = "sampled"  # sampled (the paper's per-token estimator) | full_vocab (exact KL to the G-OPD target)
+    loss: Literal["sampled", "full_vocab"] = "sampled"  # the paper's per-token estimator | the exact KL (G-OPD)
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: Optional[float] = None
     tis_cap: Optional[float] = 5.0  # truncated importance weight cap; null switches the weight off
-    aggregation: str = "seq-mean-token-mean"
+    aggregation: Aggregation = "seq-mean-token-mean"
     updates_per_batch: int = 1
+    # where pi_old comes from: recompute (a forward before the update), rollout (the engine's log-probs, checked
+    # against the update's own forward within max_rollout_mismatch), train_forward (the update's forward, detached:
+    # exact when updates_per_batch = 1), auto (train_forward when updates_per_batch = 1, else recompute)
+    old_logprobs: Literal["auto", "recompute", "rollout", "train_forward"] = "auto"
+    max_rollout_mismatch: float = 1e-3  # old_logprobs=rollout: largest mean |log pi_rollout - log pi_theta| allowed
     kl_coef: float = 0.0  # GRPO only: KL to the reference
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers) | sglang (GPU)
+    engine: Literal["hf", "sglang"] = "hf"  # transformers | SGLang (GPU)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -96,7 +110,7 @@ class DataConfig:
     eval: list[str] = field(default_factory=list)
     max_prompt_len: int = 512
     prompts_per_step: int = 8
-    on_bad_row: str = "skip"  # skip (counted) | error
+    on_bad_row: Literal["skip", "error"] = "skip"  # skip (counted) | error
     default_teacher: Optional[str] = None  # scores samples whose domain no teacher claims
     response_key: str = "response"  # SFT: the column holding the target response
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
@@ -105,17 +119,19 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 50
-    micro_batch_size: int = 4
+    micro_batch_size: int = 4  # rows per micro-batch (the cap, when a token budget is set)
     seed: int = 1234
     output_dir: str = "runs/default"
     resume: str = "auto"  # auto (latest valid checkpoint, if any) | never | a checkpoint directory
     offload_optimizer: bool = False  # GPU: optimizer state and gradient buffers go to host during the rollout
     # activation recompute of the student: none | selective (attention's core) | full (every layer's activations
     # recomputed in the backward, megatron's uniform method)
-    recompute: str = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
     # token budget of a micro-batch (prompt + response tokens, padding included): a step's rows are grouped by
     # length under it; micro_batch_size stays the cap on rows. None: micro_batch_size rows per micro-batch.
     max_tokens_per_micro_batch: Optional[int] = None
+    # the rows of a micro-batch laid end to end in one sequence (no padding; needs attention sdpa or te)
+    pack_sequences: bool = False
 
 
 @dataclass
@@ -155,7 +171,7 @@ class OptimConfig:
     min_lr: float = 0.0
     warmup_steps: int = 0
     decay_steps: int | None = None  # None: the whole run
-    decay_style: str = "constant"  # constant | linear | cosine
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -179,13 +195,6 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
-    # -- derived facts the rest of the code asks for ---------------------------------------------------------
-    def uses_reference(self) -> bool:
-        """The reference cancels in OPD (lam = 1) when it is the student's init, so it is never run then."""
-        if self.algo.name == "grpo":
-            return self.algo.kl_coef > 0
-        return self.algo.name == "gopd" and not (self.algo.lam == 1.0 and self.reference.path is None)
-
     def teacher_for(self, domain: str) -> str:
         for teacher in self.teachers:
             if domain in teacher.domains:
@@ -195,28 +204,12 @@ class RunConfig:
         raise KeyError(domain)
 
 
-def _check_keys(data: Any, schema: Any, prefix: str) -> None:
-    """Unknown keys, with a 'did you mean' (OmegaConf names the key but suggests nothing)."""
-    if isinstance(data, list):
-        for i, item in enumerate(data):
-            _check_keys(item, schema, f"{prefix}[{i}]")
-        return
-    if not isinstance(data, dict) or not is_dataclass(schema):
-        return
-    known = [f.name for f in fields(schema)]
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {known}"
-            raise ConfigError(f"{path}: unknown config key; {hint}")
-        child = get_type_hints(schema)[key]
-        _check_keys(value, get_args(child)[0] if get_args(child) else child, path)
+# ---- loading ------------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), *, world_size: int | None = None,
-                check_paths: bool = True) -> RunConfig:
-    """YAML file + `a.b=c` overrides -> a validated RunConfig. Raises ConfigError naming the bad key."""
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file + `a.b=c` overrides (list entries by index: `teachers.0.placement=dedicated`) -> a RunConfig
+    checked by `validate`. Raises ConfigError naming the bad key."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -226,22 +219,90 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, wo
         if not isinstance(data, dict):
             raise ConfigError(f"--config: {path} must hold a mapping, not {type(data).__name__}")
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are dotted key=value pairs, e.g. algo.lam=1.25")
-    override_data = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+        _apply_override(data, item)
     _check_keys(data, RunConfig, "")
-    _check_keys(override_data, RunConfig, "")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data, override_data)
-        config: RunConfig = OmegaConf.to_object(merged)
+        config: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         message = getattr(e, "msg", str(e)).splitlines()[0]
         if "missing mandatory value" in message:
             message = "required, but not set"
         raise ConfigError(f"{key}: {message}") from None
-    validate(config, world_size=world_size, check_paths=check_paths)
+    validate(config)
     return config
+
+
+def _apply_override(data: dict, item: str) -> None:
+    """Sets one `a.b=c` override in the YAML data, in place. A number after a list's key indexes into the list, as
+    OmegaConf's own dotlists do for its containers (OmegaConf.from_dotlist alone would make it a mapping key)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{item}: overrides are dotted key=value pairs, e.g. algo.lam=1.25")
+    value = yaml.safe_load(raw) if raw.strip() else raw  # OmegaConf's dotlist grammar: YAML scalars and lists
+    node, parts = data, key.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not re.fullmatch(r"\d+", part):
+                raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is a list; index it by number")
+            if int(part) >= len(node):
+                raise ConfigError(f"{where}: index {part} is out of range ({'.'.join(parts[:depth])} has "
+                                  f"{len(node)} entries)")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is a value, not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _schema_of(hint: Any) -> Any:
+    """The dataclass (or list of dataclasses) behind a field's type hint, else None."""
+    if is_dataclass(hint):
+        return hint
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is list and args:
+        return [_schema_of(args[0])]
+    return next((_schema_of(a) for a in args if a is not type(None) and _schema_of(a)), None)
+
+
+def _choices(hint: Any) -> tuple | None:
+    """The allowed values of a Literal (or Optional Literal) field, else None."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    literal = [a for a in get_args(hint) if get_origin(a) is Literal]
+    return get_args(literal[0]) + (None,) if literal else None
+
+
+def _check_keys(data: Any, schema: Any, prefix: str) -> None:
+    """Unknown keys, with a 'did you mean', and values outside a field's choices, named by their full path (OmegaConf
+    names the key but suggests nothing, and loses the path inside lists)."""
+    if isinstance(schema, list) and isinstance(data, list):
+        for i, item in enumerate(data):
+            _check_keys(item, schema[0], f"{prefix}[{i}]")
+        return
+    if not isinstance(data, dict) or not is_dataclass(schema):
+        return
+    known = [f.name for f in fields(schema)]
+    hints = get_type_hints(schema)
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {known}"
+            raise ConfigError(f"{path}: unknown config key; {hint}")
+        choices = _choices(hints[key])
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {[c for c in choices if c is not None]}")
+        _check_keys(value, _schema_of(hints[key]), path)
+
+
+# ---- rules types cannot express -----------------------------------------------------------------------------
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -249,20 +310,16 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _choice(value, key: str, choices) -> None:
-    _require(value in choices, key, f"{value!r} is not one of {list(choices)}")
-
-
-def validate(config: RunConfig, *, world_size: int | None = None, check_paths: bool = True) -> None:
-    from megatron_gopd.models.architectures import ModelDims
-
+def validate(config: RunConfig) -> None:
+    """Ranges and cross-field rules of the config alone (no files, no world size, no objective)."""
     a, r, d, t = config.algo, config.rollout, config.data, config.train
-    _choice(a.name, "algo.name", ("gopd", "grpo", "sft"))
     _require(a.lam > 0, "algo.lam", f"must be > 0, got {a.lam}")
-    _choice(a.loss, "algo.loss", ("sampled", "full_vocab"))
-    _choice(a.aggregation, "algo.aggregation", ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"))
     _require(a.updates_per_batch >= 1, "algo.updates_per_batch", "must be >= 1")
-    _choice(r.engine, "rollout.engine", ("hf", "sglang"))
+    _require(a.max_rollout_mismatch > 0, "algo.max_rollout_mismatch", "must be > 0")
+    _require(r.temperature > 0, "rollout.temperature",
+             f"must be > 0, got {r.temperature} (the log-probs of a greedy policy are not defined; sample at a "
+             "small temperature instead)")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _require(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     _require(r.chunk_size >= 1, "rollout.chunk_size", "must be >= 1")
     if r.engine_tp is not None:
@@ -275,42 +332,25 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
              "train.offload_optimizer", "needs optim.distributed_optimizer or student.dtype bf16 (otherwise the "
              "optimizer steps the model's own weights, which the rollout needs on the GPU)")
     _require(d.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
-    _choice(d.on_bad_row, "data.on_bad_row", ("skip", "error"))
     _require(t.steps >= 1, "train.steps", "must be >= 1")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    _require(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
-    _choice(config.optim.decay_style, "optim.decay_style", ("constant", "linear", "cosine"))
-    decay_steps = config.optim.decay_steps or config.train.steps
-    _require(0 <= config.optim.warmup_steps < max(decay_steps, 1), "optim.warmup_steps",
-             f"must be in [0, decay steps = {decay_steps}) (optim.decay_steps, else train.steps), "
-             f"got {config.optim.warmup_steps}")
-    for key, dtype in [("student.dtype", config.student.dtype), ("reference.dtype", config.reference.dtype)] + [
-        (f"teachers[{i}].dtype", tc.dtype) for i, tc in enumerate(config.teachers)
-    ]:
-        _choice(dtype, key, ("fp32", "bf16"))
-    if config.student.fp8 is not None:
-        _choice(config.student.fp8, "student.fp8", ("e4m3", "hybrid"))
-    _choice(config.student.attention, "student.attention", ("auto", "sdpa", "megatron", "te"))
-    _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
     if t.max_tokens_per_micro_batch is not None:
         _require(t.max_tokens_per_micro_batch >= d.max_prompt_len, "train.max_tokens_per_micro_batch",
                  f"{t.max_tokens_per_micro_batch} is below data.max_prompt_len={d.max_prompt_len}: no row would fit")
+    _require(not t.pack_sequences or config.student.attention != "megatron", "train.pack_sequences",
+             "packed rows need student.attention sdpa, te or auto (megatron's local attention cannot confine "
+             "attention to each row)")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _require(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
+    decay_steps = config.optim.decay_steps or t.steps
+    _require(0 <= config.optim.warmup_steps < max(decay_steps, 1), "optim.warmup_steps",
+             f"must be in [0, decay steps = {decay_steps}) (optim.decay_steps, else train.steps), "
+             f"got {config.optim.warmup_steps}")
 
     names = [tc.name for tc in config.teachers]
     _require(len(set(names)) == len(names), "teachers", f"teacher names must be unique, got {names}")
     _require("reference" not in names, "teachers", "'reference' is reserved for the reference model")
     claimed: dict[str, str] = {}
-    placements = ("colocated", "dedicated", "sglang")
-    frozen_sections = [(f"teachers[{i}]", tc) for i, tc in enumerate(config.teachers)]
-    if config.uses_reference():
-        frozen_sections.append(("reference", config.reference))
-    for key, section in frozen_sections:
-        _choice(section.placement, f"{key}.placement", placements)
-        if section.placement == "sglang":
-            _require(bool(section.url), f"{key}.url", "placement sglang needs the server's url")
-            _require(r.temperature == 1.0, "rollout.temperature",
-                     f"{key} is an sglang server, which scores at temperature 1; set rollout.temperature=1.0")
     for i, tc in enumerate(config.teachers):
         _require(bool(tc.domains) or d.default_teacher == tc.name, f"teachers[{i}].domains",
                  f"teacher {tc.name!r} claims no domain and is not data.default_teacher")
@@ -320,57 +360,18 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
             claimed[domain] = tc.name
     if d.default_teacher is not None:
         _require(d.default_teacher in names, "data.default_teacher", f"{d.default_teacher!r} is not a teacher {names}")
-    if a.name == "gopd":
-        _require(bool(config.teachers), "teachers", "G-OPD needs at least one teacher")
-    if a.loss == "full_vocab":  # the teachers' logits must sit on the student's own vocabulary shards
-        _require(a.name == "gopd", "algo.loss", "full_vocab is a G-OPD loss")
-        _require(config.student.parallel.pp == 1, "algo.loss", "full_vocab needs student.parallel.pp == 1")
-        for key, section in frozen_sections:
-            _require(section.placement == "colocated", f"{key}.placement", "algo.loss=full_vocab needs colocated models")
+    for key, section in [(f"teachers[{i}]", tc) for i, tc in enumerate(config.teachers)] + [
+            ("reference", config.reference)]:
+        _require(section.dp >= 1 and section.parallel.tp >= 1 and section.parallel.pp >= 1, f"{key}.parallel",
+                 "tp, pp and dp must be >= 1")
+        if section.placement == "sglang":
+            _require(bool(section.url), f"{key}.url", "placement sglang needs the server's url")
 
-    # Models: paths, architectures, and TP/PP against the heads.
-    # A colocated model shares the student's groups, so it takes the student's TP x PP whatever its own says.
-    models = [("student", config.student.path, config.student.parallel)] + [
-        (key, section.path or config.student.path,
-         section.parallel if section.placement == "dedicated" else config.student.parallel)
-        for key, section in frozen_sections if section.placement != "sglang"
-    ]
-    if check_paths:
-        for key, section in frozen_sections:
-            if section.placement == "sglang":
-                _require((Path(section.path) / "config.json").is_file(), f"{key}.path",
-                         f"{section.path}: an sglang model's path must be its HF directory (config, tokenizer)")
-        for key, model_path, parallel in models:
-            hf_dir = Path(model_path) / "hf"
-            _require(hf_dir.is_dir(), f"{key}.path",
-                     f"{model_path} is not a megatron-gopd model checkpoint (no {hf_dir}); make one with "
-                     "tools/convert_hf_to_megatron.py")
-            try:
-                ModelDims.from_hf(hf_dir).check_parallel(parallel.tp, parallel.pp)
-            except ValueError as e:
-                raise ConfigError(f"{key}.parallel: {e}") from None
-        for key, paths in [("data.train", d.train), ("data.eval", d.eval)]:
-            for p in paths:
-                _require(Path(p).exists() or "/" not in p and not p.endswith((".jsonl", ".json", ".parquet")),
-                         key, f"no such file or directory {p}")
-    _require(bool(d.train), "data.train", "no training data given")
 
-    # Placement and world size.
-    student = config.student.parallel
-    dedicated = sum(c.parallel.tp * c.parallel.pp * c.dp for _, c in frozen_sections if c.placement == "dedicated")
-    if world_size is not None:
-        student_ranks = world_size - dedicated
-        per_replica = student.tp * student.pp
-        _require(student_ranks >= per_replica and student_ranks % per_replica == 0, "student.parallel",
-                 f"world size {world_size} minus {dedicated} dedicated frozen-model ranks leaves {student_ranks} "
-                 f"student ranks, not a multiple of tp*pp={per_replica}")
-        dp = student_ranks // per_replica
-        _require(d.prompts_per_step % dp == 0, "data.prompts_per_step",
-                 f"{d.prompts_per_step} prompts per step do not split over {dp} data-parallel student replicas")
-        rows = d.prompts_per_step // dp * r.samples_per_prompt
-        _require(rows % t.micro_batch_size == 0, "train.micro_batch_size",
-                 f"each replica's {rows} samples per step do not split into micro-batches of {t.micro_batch_size}")
+def resolved(config: RunConfig) -> dict:
+    """The config as plain data (for the run's config.yaml, and Weights & Biases)."""
+    return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(config))))
 
 
 def save_resolved(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(config))))))
+    Path(path).write_text(yaml.safe_dump(resolved(config)))

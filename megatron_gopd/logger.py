@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, wandb: bool = False, wandb_project: str = "megatron-gopd",
-                 progress: bool = True, config: dict | None = None):
+    def __init__(self, run_dir: str | Path, *, enabled: bool, total_steps: int, tensorboard: bool = True,
+                 wandb: bool = False, wandb_project: str = "megatron-gopd", progress: bool = True,
+                 config: dict | None = None):
+        """`config`: the run's resolved config, for Weights & Biases."""
         self.enabled = enabled
         self.phase_seconds: dict[str, float] = {}
         self._clock = (time.perf_counter(), time.process_time())  # where the step being logged began
@@ -36,7 +37,14 @@ class RunLogger:
 
             self._wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config, resume="allow")
         if progress:
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+
+    def start(self, step: int) -> None:
+        """The run begins (or resumes) at `step`: the progress bar and the step clock start from there."""
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+        self._clock = (time.perf_counter(), time.process_time())
 
     @contextlib.contextmanager
     def phase(self, name: str):

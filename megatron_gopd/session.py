@@ -1,95 +1,138 @@
-"""Everything a run holds, built from its config: the role layout, the student with its optimizer, the frozen
-models, the rollout engine, the data, the logger, and the state of a resumed run."""
+"""Everything a run holds, built from its config: the role layout, the student with its optimizer, the objective,
+the frozen models' scoring, the rollout engine, the data and the logger. `check_run` checks, before any process
+group exists, what the config alone cannot: the objective's own rules, the world size and the files."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
+from megatron.core.optimizer import OptimizerConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from megatron_gopd import checkpoint
-from megatron_gopd.algo.gopd import merge_metrics, reduce_metrics
-from megatron_gopd.algo.logprobs import full_vocab_gopd_kl
-from megatron_gopd.config import RunConfig, save_resolved
-from megatron_gopd.data.prompts import PromptItem, PromptSampler, load_prompts
-from megatron_gopd.eval.harness import reference_of, verifier_kind
-from megatron_gopd.eval.verifiers import verify_batch
+from megatron_gopd.algo.objectives import Objective, RunParts, objective_class
+from megatron_gopd.batching import Batching
+from megatron_gopd.config import ConfigError, FrozenModelConfig, RunConfig, resolved, save_resolved
+from megatron_gopd.data.prompts import PromptDataset, PromptItem, PromptSampler, load_prompts
+from megatron_gopd.eval.harness import verify_items
 from megatron_gopd.logger import RunLogger
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import DTYPES, build_model
-from megatron_gopd.models.parallel_model import TrainableModel
-from megatron_gopd.rollout.base import Sample, SamplingParams
-from megatron_gopd.rollout.colocated import ColocatedRollout
-from megatron_gopd.runtime.distributed import device
+from megatron_gopd.models.parallel_model import LRSchedule, TrainableModel, adam
+from megatron_gopd.rollout.base import SamplingParams
+from megatron_gopd.rollout.colocated import ColocatedRollout, build_rollout
+from megatron_gopd.runtime.distributed import computed_on
 from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout
 from megatron_gopd.teachers.frozen import FrozenModel, check_same_tokenizer
-from megatron_gopd.teachers.service import FrozenScorer, serve_frozen_model
+from megatron_gopd.teachers.service import (
+    ColocatedScorer,
+    DedicatedScorer,
+    Scoring,
+    ServerScorer,
+    serve_frozen_model,
+)
 from megatron_gopd.teachers.sglang_http import SGLangHTTPModel
 
 
-def frozen_model_specs(cfg: RunConfig) -> dict[str, tuple[str, object]]:
-    """name -> (checkpoint path, its config section), for every frozen model the run uses."""
-    specs = {t.name: (t.path, t) for t in cfg.teachers}
-    if cfg.uses_reference():
-        specs["reference"] = (cfg.reference.path or cfg.student.path, cfg.reference)
-    return specs
+def frozen_models(cfg: RunConfig) -> dict[str, FrozenModelConfig]:
+    """name -> config section of every frozen model the run uses (the objective says which)."""
+    return objective_class(cfg).frozen_models(cfg)
+
+
+def _key(cfg: RunConfig, name: str) -> str:
+    """A frozen model's config key, for errors."""
+    return "reference" if name == "reference" else f"teachers[{[t.name for t in cfg.teachers].index(name)}]"
+
+
+def check_run(cfg: RunConfig, world_size: int | None, *, files: bool = True) -> None:
+    """Raises ConfigError naming the key, before any process group exists."""
+    objective_class(cfg).check(cfg)
+    models = frozen_models(cfg)
+    for name, section in models.items():
+        if section.placement == "sglang" and cfg.rollout.temperature != 1.0:
+            raise ConfigError(f"rollout.temperature: {_key(cfg, name)} is an sglang server, which scores at "
+                              "temperature 1; set rollout.temperature=1.0")
+    if world_size is not None:
+        student, d = cfg.student.parallel, cfg.data
+        dedicated = sum(s.parallel.tp * s.parallel.pp * s.dp for s in models.values() if s.placement == "dedicated")
+        student_ranks, per_replica = world_size - dedicated, student.tp * student.pp
+        if student_ranks < per_replica or student_ranks % per_replica:
+            raise ConfigError(f"student.parallel: world size {world_size} minus {dedicated} dedicated frozen-model "
+                              f"ranks leaves {student_ranks} student ranks, not a multiple of tp*pp={per_replica}")
+        if d.prompts_per_step % (student_ranks // per_replica):
+            raise ConfigError(f"data.prompts_per_step: {d.prompts_per_step} prompts per step do not split over "
+                              f"{student_ranks // per_replica} data-parallel student replicas")
+    if files:
+        _check_files(cfg, models)
+
+
+def _check_files(cfg: RunConfig, models: dict[str, FrozenModelConfig]) -> None:
+    # A colocated model shares the student's groups, so it takes the student's TP x PP whatever its own says.
+    checkpoints = [("student", cfg.student.path, cfg.student.parallel)]
+    for name, section in models.items():
+        key = _key(cfg, name)
+        if section.placement == "sglang":
+            if not (Path(section.path) / "config.json").is_file():
+                raise ConfigError(f"{key}.path: {section.path}: an sglang model's path must be its HF directory "
+                                  "(config, tokenizer)")
+            continue
+        parallel = section.parallel if section.placement == "dedicated" else cfg.student.parallel
+        checkpoints.append((key, section.path or cfg.student.path, parallel))
+    for key, path, parallel in checkpoints:
+        hf_dir = Path(path) / "hf"
+        if not hf_dir.is_dir():
+            raise ConfigError(f"{key}.path: {path} is not a megatron-gopd model checkpoint (no {hf_dir}); make one "
+                              "with tools/convert_hf_to_megatron.py")
+        try:
+            ModelDims.from_hf(hf_dir).check_parallel(parallel.tp, parallel.pp)
+        except ValueError as e:
+            raise ConfigError(f"{key}.parallel: {e}") from None
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training data given")
+    for key, paths in [("data.train", cfg.data.train), ("data.eval", cfg.data.eval)]:
+        for p in paths:  # a name without a path or a data suffix may be a datasets hub name
+            if not Path(p).exists() and ("/" in p or p.endswith((".jsonl", ".json", ".parquet"))):
+                raise ConfigError(f"{key}: no such file or directory {p}")
 
 
 def make_layout(cfg: RunConfig) -> RoleLayout:
     """The student takes the ranks the dedicated frozen models leave; colocated models share its groups."""
-    specs = frozen_model_specs(cfg)
-    dedicated = {name: ParallelShape(c.parallel.tp, c.parallel.pp, c.dp)
-                 for name, (_, c) in specs.items() if c.placement == "dedicated"}
+    models = frozen_models(cfg)
+    dedicated = {name: ParallelShape(s.parallel.tp, s.parallel.pp, s.dp)
+                 for name, s in models.items() if s.placement == "dedicated"}
     tp, pp = cfg.student.parallel.tp, cfg.student.parallel.pp
     student = ParallelShape(tp, pp, (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (tp * pp))
-    on_ranks = [name for name, (_, c) in specs.items() if c.placement != "sglang"]  # servers hold no ranks
+    on_ranks = [name for name, s in models.items() if s.placement != "sglang"]  # servers hold no ranks
     return build_layout(student, {name: (dedicated.get(name, student), name in dedicated) for name in on_ranks},
                         timeout_s=cfg.faults.exchange_timeout_s)
 
 
+def batching(cfg: RunConfig) -> Batching:
+    t = cfg.train
+    return Batching(t.micro_batch_size, t.max_tokens_per_micro_batch, t.pack_sequences)
+
+
 @dataclass
-class Run:
+class Session:
     config: RunConfig
     layout: RoleLayout
     student: TrainableModel
+    objective: Objective
+    scoring: Scoring
     rollout: ColocatedRollout
-    scorer: FrozenScorer
-    colocated: dict[str, FrozenModel]
-    dataset: object
+    dataset: PromptDataset
     sampler: PromptSampler
     eval_items: list[PromptItem]
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     logger: RunLogger
-    start_step: int = 0
-    trainer_state: dict = field(default_factory=dict)
 
     @property
-    def dp_rank(self) -> int:
-        return self.student.pgc.dp.rank()
-
-    @property
-    def dp_size(self) -> int:
-        return self.student.pgc.dp.size()
-
-    @property
-    def student_world(self):
-        return self.layout.student.world
-
-    @property
-    def teacher_names(self) -> list[str]:
-        return [t.name for t in self.config.teachers]
-
-    @property
-    def checkpoint_root(self) -> Path:
-        return Path(self.config.train.output_dir) / "checkpoints"
-
-    @property
-    def student_hf_dir(self) -> Path:
-        return Path(self.config.student.path) / "hf"
+    def dp(self) -> dist.ProcessGroup:
+        return self.student.pgc.dp
 
     @property
     def pad_id(self) -> int:
@@ -101,100 +144,51 @@ class Run:
         stops = tuple(sorted({self.tokenizer.eos_token_id} - {None}))
         return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens, stops)
 
-    def dataset_sample(self, item: PromptItem) -> Sample:
-        """An SFT example: the row's response column, tokenised and ended with EOS."""
-        text = item.extra.get(self.config.data.response_key)
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"{item.uid}: SFT needs a non-empty {self.config.data.response_key!r} column")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return Sample(item.prompt_ids, ids, [0.0] * len(ids), "stop")
-
-    def verify(self, items: list[PromptItem], responses: list[list[int]]) -> list[float]:
-        """Binary rewards, computed on the replica's leader (code runs sandboxed) and shared with its group."""
-        rewards = [None]
-        if self.rollout.is_leader:
-            kinds = [verifier_kind(i) for i in items]
-            results = verify_batch(kinds, [self.decode(ids) for ids in responses], [reference_of(i) for i in items])
-            rewards = [[float(x.correct) for x in results]]
-        mp = self.student.pgc.mp
-        if mp.size() > 1:
-            dist.broadcast_object_list(rewards, src=dist.get_global_rank(mp, 0), group=mp)
-        return rewards[0]
-
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def teacher_of(self, item: PromptItem) -> str | None:
-        if self.config.algo.name != "gopd":
-            return None
-        return self.config.teacher_for(item.domain)
-
-    def frozen_owners(self, item: PromptItem) -> list[str]:
-        """The frozen models that must score this sample."""
-        owners = [self.teacher_of(item)] if self.config.algo.name == "gopd" else []
-        return [o for o in owners if o] + (["reference"] if self.config.uses_reference() else [])
-
-    def full_vocab_kl(self, mb, student_logits: torch.Tensor) -> torch.Tensor:
-        """Exact per-token KL to the G-OPD target, from colocated teachers' logits on the same vocab shards.
-
-        Called inside the student's loss function: `mb` and the logits are on the model's device."""
-        cfg, tokens = self.config, mb["tokens"]
-        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        for model in self.colocated.values():  # the scorer parks them in host memory after scoring (GPU)
-            model.onload()
-        with torch.no_grad():
-            teacher_logits = torch.empty_like(student_logits)
-            for t, name in enumerate(self.teacher_names):
-                rows = mb["teacher_index"] == t
-                if rows.any():
-                    teacher_logits[rows] = self.colocated[name].gpt(tokens[rows], positions[rows], None)
-            ref_logits = self.colocated["reference"].gpt(tokens, positions, None) if "reference" in self.colocated else None
-        kl = full_vocab_gopd_kl(
-            student_logits[:, :-1], teacher_logits[:, :-1], None if ref_logits is None else ref_logits[:, :-1],
-            cfg.algo.lam, self.student.pgc.tp, vocab_size=self.student.dims.vocab_size,
-            temperature=cfg.rollout.temperature,
-        )
-        return torch.nn.functional.pad(kl, (1, 0))  # aligned with the tokens, like the log-probs
-
-    def last_stage_metrics(self, outputs: list[dict]) -> dict[str, float]:
-        """Reduces the loss function's metrics over DP on the last pipeline stage and shares them with stage 0."""
-        pgc = self.student.pgc
-        result = [reduce_metrics(merge_metrics(*outputs), pgc.dp) if outputs else None]
-        if pgc.pp.size() > 1:
-            dist.broadcast_object_list(result, src=dist.get_global_rank(pgc.pp, pgc.pp.size() - 1), group=pgc.pp)
-        return result[0]
+    def checkpointer(self, states: dict[str, checkpoint.Stateful]) -> checkpoint.TrainingCheckpointer:
+        cfg = self.config
+        return checkpoint.TrainingCheckpointer(
+            Path(cfg.train.output_dir) / "checkpoints", self.student, {**states, "sampler": self.sampler},
+            group=self.layout.student.world, keep_last=cfg.checkpoint.keep_last,
+            hf_dir=Path(cfg.student.path) / "hf")
 
     def shutdown(self) -> None:
-        self.scorer.shutdown()
+        self.scoring.shutdown()
         self.rollout.sleep()
         self.logger.close()
 
 
-def build_run(cfg: RunConfig) -> Run | None:
+def build_session(cfg: RunConfig) -> Session | None:
     """Builds the run on this rank. Dedicated frozen-model ranks serve until the student is done, then get None."""
     layout = make_layout(cfg)
     role = layout.role_of(dist.get_rank())
-    specs = frozen_model_specs(cfg)
+    models = frozen_models(cfg)
+    student_batching = batching(cfg)
     if role != "student":  # a dedicated teacher or reference: serve, then leave
-        path, section = specs[role]
-        model = FrozenModel(role, path, layout.frozen[role], dtype=section.dtype)
-        signal_ignore_sigterm()
+        section = models[role]
+        model = FrozenModel(role, section.path or cfg.student.path, layout.frozen[role], dtype=section.dtype,
+                            batching=student_batching)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the student, which checkpoints first, ends the run
         serve_frozen_model(model, layout, layout.frozen[role], temperature=cfg.rollout.temperature)
         return None
 
     if dist.get_rank() != 0:
         datasets.disable_progress_bars()
-    check_same_tokenizer({"student": cfg.student.path, **{name: path for name, (path, _) in specs.items()}})
+    check_same_tokenizer({"student": cfg.student.path, **{name: s.path or cfg.student.path
+                                                           for name, s in models.items()}})
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.path) / "hf")
-    domains = [d for t in cfg.teachers for d in t.domains] if cfg.algo.name == "gopd" else None
-    dataset = load_prompts(cfg.data.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len, known_domains=domains,
-                           default_domain_ok=cfg.data.default_teacher is not None, on_bad_row=cfg.data.on_bad_row,
-                           chat_template_kwargs=cfg.data.chat_template_kwargs)
+    d = cfg.data
+    kind = objective_class(cfg)
+    known = [domain for t in cfg.teachers for domain in t.domains] if kind.routes_by_domain else None
+    dataset = load_prompts(d.train, tokenizer, max_prompt_len=d.max_prompt_len, known_domains=known,
+                           default_domain_ok=d.default_teacher is not None, on_bad_row=d.on_bad_row,
+                           chat_template_kwargs=d.chat_template_kwargs)
     eval_items = []
-    if cfg.data.eval:
-        eval_set = load_prompts(cfg.data.eval, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                on_bad_row=cfg.data.on_bad_row, split="test",
-                                chat_template_kwargs=cfg.data.chat_template_kwargs)
+    if d.eval:
+        eval_set = load_prompts(d.eval, tokenizer, max_prompt_len=d.max_prompt_len, on_bad_row=d.on_bad_row,
+                                split="test", chat_template_kwargs=d.chat_template_kwargs)
         eval_items = eval_set.take(range(min(len(eval_set), cfg.eval.max_prompts)))
 
     pgc = layout.student.pgc
@@ -202,73 +196,44 @@ def build_run(cfg: RunConfig) -> Run | None:
     gpt = build_model(dims, pgc, dtype=DTYPES[cfg.student.dtype], seed=cfg.train.seed, fp8=cfg.student.fp8,
                       fp8_recipe=cfg.student.fp8_recipe, attention=cfg.student.attention)
     checkpoint.load_model(cfg.student.path, gpt, group=layout.student.world)
-    student = TrainableModel(gpt, dims, cfg.optim, layout.student.world, total_steps=cfg.train.steps)
-    colocated = {name: FrozenModel(name, path, layout.frozen[name], dtype=section.dtype)
-                 for name, (path, section) in specs.items() if section.placement == "colocated"}
-    owners = {name: colocated.get(name) for name in specs}
-    owners.update({name: SGLangHTTPModel(name, section.url, timeout_s=cfg.faults.exchange_timeout_s,
-                                         retries=cfg.faults.http_retries)
-                   for name, (_, section) in specs.items() if section.placement == "sglang"})
-    scorer = FrozenScorer(layout, owners, temperature=cfg.rollout.temperature, timeout_s=cfg.faults.exchange_timeout_s)
-    engine, weight_peer = _make_engine(cfg, pgc)
-    rollout = ColocatedRollout(engine, gpt, dims, bucket_bytes=cfg.rollout.sync_bucket_mb << 20,
-                               engine_ranks=_engine_ranks(cfg), weight_peer=weight_peer, trainer=student,
-                               offload_optimizer=cfg.train.offload_optimizer)
-    sampler = PromptSampler(len(dataset), cfg.data.prompts_per_step, seed=cfg.train.seed, dp_rank=pgc.dp.rank(),
+    student = TrainableModel(gpt, dims, optimizer_config(cfg), layout.student.world, schedule=lr_schedule(cfg))
+    colocated = {name: FrozenModel(name, s.path or cfg.student.path, layout.frozen[name], dtype=s.dtype,
+                                   batching=student_batching)
+                 for name, s in models.items() if s.placement == "colocated"}
+    timeout = cfg.faults.exchange_timeout_s
+    scoring = Scoring({name: ColocatedScorer(colocated[name], temperature=cfg.rollout.temperature)
+                       if s.placement == "colocated" else DedicatedScorer(name, layout, timeout_s=timeout)
+                       if s.placement == "dedicated" else
+                       ServerScorer(SGLangHTTPModel(name, s.url, timeout_s=timeout, retries=cfg.faults.http_retries),
+                                    layout, timeout_s=timeout)
+                       for name, s in models.items()})
+    sampler = PromptSampler(len(dataset), d.prompts_per_step, seed=cfg.train.seed, dp_rank=pgc.dp.rank(),
                             dp_size=pgc.dp.size())
-
-    start_step, state = 0, {}
-    root = Path(cfg.train.output_dir) / "checkpoints"
-    if cfg.train.resume != "never":
-        loaded = checkpoint.load_training_checkpoint(root, student, cfg.train.resume, group=layout.student.world)
-        if loaded is not None:
-            state = loaded[0]
-            start_step = state["step"]
-            sampler.load_state_dict(state["sampler"])
     is_rank0 = dist.get_rank() == 0
     if is_rank0:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, Path(cfg.train.output_dir) / "config.yaml")
-    logger = RunLogger(cfg.train.output_dir, enabled=is_rank0, total_steps=cfg.train.steps, start_step=start_step,
+    logger = RunLogger(cfg.train.output_dir, enabled=is_rank0, total_steps=cfg.train.steps,
                        tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
-                       progress=cfg.log.progress)
-    if is_rank0:
-        logger.write(f"data: {dataset.report.summary()}")
-        if start_step:
-            logger.write(f"resumed from step {start_step}")
-    return Run(cfg, layout, student, rollout, scorer, colocated, dataset, sampler, eval_items, tokenizer, logger,
-               start_step, state)
+                       progress=cfg.log.progress, config=resolved(cfg))
+    logger.write(f"data: {dataset.report.summary()}")
+
+    def verify(items: list[PromptItem], responses: list[list[int]]) -> list[float]:
+        """Binary rewards from the replica's leader (code runs sandboxed once), shared with its group."""
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
+        return computed_on(pgc.mp, lambda: [float(r.correct) for r in verify_items(items, texts)])
+
+    objective = kind(cfg, RunParts(tokenizer, verify, colocated, dims.vocab_size, pgc.tp))
+    return Session(cfg, layout, student, objective, scoring, build_rollout(cfg, student, gpt, dims), dataset,
+                   sampler, eval_items, tokenizer, logger)
 
 
-def _engine_ranks(cfg: RunConfig) -> int:
-    """The student TP ranks of a replica's first stage whose GPUs the rollout engine runs on."""
-    return (cfg.rollout.engine_tp or cfg.student.parallel.tp) if cfg.rollout.engine == "sglang" else 1
+def optimizer_config(cfg: RunConfig) -> OptimizerConfig:
+    o = cfg.optim
+    return adam(o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps, clip_grad=o.clip_grad, use_distributed_optimizer=o.distributed_optimizer)
 
 
-def _make_engine(cfg: RunConfig, pgc):
-    """(the rollout engine on the replica's leader, else None; a WeightHandoff on the other ranks that host ranks
-    of an SGLang engine spanning TP, else None)."""
-    is_leader, ranks = pgc.mp.rank() == 0, _engine_ranks(cfg)
-    hf_dir = str(Path(cfg.student.path) / "hf")
-    if cfg.rollout.engine == "sglang":
-        from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine, WeightHandoff
-
-        bucket_bytes, group = cfg.rollout.sync_bucket_mb << 20, pgc.tp if ranks > 1 else None
-        if is_leader:
-            return SGLangRolloutEngine(hf_dir, dtype="bfloat16" if cfg.student.dtype == "bf16" else "float32",
-                                       mem_fraction_static=cfg.rollout.sglang_mem_fraction, seed=cfg.train.seed,
-                                       bucket_bytes=bucket_bytes, tp_size=ranks, tp_group=group,
-                                       deterministic=cfg.rollout.sglang_deterministic), None
-        return None, (WeightHandoff(bucket_bytes, group) if group is not None and pgc.pp.rank() == 0 else None)
-    if not is_leader:
-        return None, None
-    from megatron_gopd.rollout.hf_engine import HFRolloutEngine
-
-    return HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device()), None
-
-
-def signal_ignore_sigterm() -> None:
-    """A dedicated frozen rank keeps serving on SIGTERM until the student, which checkpoints first, ends the run."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def lr_schedule(cfg: RunConfig) -> LRSchedule:
+    o = cfg.optim
+    return LRSchedule(o.warmup_steps, o.decay_steps or cfg.train.steps, o.decay_style)

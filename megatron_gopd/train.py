@@ -17,9 +17,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
 
     from megatron_gopd.config import ConfigError, load_config
+    from megatron_gopd.session import check_run
 
-    try:  # everything is validated before any process group exists
-        config = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    try:  # everything is checked before any process group exists
+        config = load_config(args.config, overrides)
+        check_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"config error: {e}")
 
@@ -29,13 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed(timeout_s=max(config.faults.exchange_timeout_s, 1800))
     import torch.distributed as dist
 
-    from megatron_gopd.session import build_run
+    from megatron_gopd.session import build_session
     from megatron_gopd.trainer import Trainer
 
     seed_everything(config.train.seed)
-    run = build_run(config)  # a resumed run restores its RNG states here
-    if run is not None:
-        Trainer(run).run()
+    session = build_session(config)
+    if session is not None:  # None: a dedicated frozen model's rank, which served until the student was done
+        Trainer(session).train()  # a resumed run restores its RNG states as the trainer is made
     dist.destroy_process_group()
 
 

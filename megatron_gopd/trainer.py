@@ -1,5 +1,5 @@
-"""The G-OPD training loop (and GRPO / SFT through the same machinery). `Trainer.run` is the whole loop; the
-methods below it and the modules they call say how each phase is done."""
+"""The training loop: G-OPD, GRPO or SFT (algo/objectives.py) on a Megatron-core student. `Trainer.train` is the
+whole loop; the methods below it and the modules they call say how each phase is done."""
 
 from __future__ import annotations
 
@@ -11,276 +11,228 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_gopd import checkpoint
-from megatron_gopd.algo.gopd import (
-    PolicyLossConfig,
-    Stat,
-    aggregate_loss,
-    gopd_advantages,
-    gopd_metrics,
-    loss_denominator,
-    merge_metrics,
-    policy_loss,
-    reduce_metrics,
-)
+from megatron_gopd.algo.losses import loss_denominator
+from megatron_gopd.algo.objectives import resolved_old_logprobs
+from megatron_gopd.batching import MicroBatch, Plan, assemble, lay_out, plan
 from megatron_gopd.data.prompts import PromptItem
 from megatron_gopd.eval.harness import generate_and_verify, summarize
-from megatron_gopd.rollout.base import mismatch_metrics, samples_to_batch
-from megatron_gopd.session import Run
+from megatron_gopd.metrics import Stat, merge_metrics, reduce_metrics, response_metrics
+from megatron_gopd.rollout.base import Sample
+from megatron_gopd.session import Session, batching
 
 
 @dataclass
-class StepData:
-    """One DP replica's rollout of a step: micro-batches of per-token tensors, and the items they came from."""
+class TrainerState:
+    """The trainer's part of a checkpoint (the torch Stateful convention)."""
 
-    micro_batches: list[dict[str, torch.Tensor]]
-    items: list[PromptItem]  # one per row, in row order across micro-batches
-    responses: list[list[int]]
-    finish_reasons: list[str]  # "stop" or "length" (hit max_new_tokens), per row
-    tokens: int  # prompt + response tokens of all rows, padding excluded
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    consecutive_skips: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.consecutive_skips = state["step"], state["consecutive_skips"]
+
+
+@dataclass
+class StepBatch:
+    """One DP replica's rows of a step, and the micro-batches the student's passes run over."""
+
+    items: list[PromptItem]  # one per row
+    samples: list[Sample]
+    plan: Plan  # which rows each micro-batch holds
+    micro_batches: list[MicroBatch]
+    dropped: float = 0.0  # the fraction of the step's rows (over all replicas) the NaN guard dropped
 
 
 class Trainer:
-    def __init__(self, run: Run):
-        self.run_, self.cfg = run, run.config
+    def __init__(self, session: Session):
+        self.s, self.cfg, self.objective = session, session.config, session.objective
+        self.state = TrainerState()
+        self.checkpointer = session.checkpointer({"trainer": self.state})
+        if self.checkpointer.restore(self.cfg.train.resume):
+            session.logger.write(f"resumed from step {self.state.step}")
+        self.first_step = self.state.step
+        self.old_logprobs = resolved_old_logprobs(self.cfg) if self.objective.on_policy else None
         self.stop_requested = False
-        self.consecutive_skips = run.trainer_state.get("consecutive_skips", 0)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def run(self) -> None:
-        r, cfg = self.run_, self.cfg
-        r.rollout.sync_weights()
-        if cfg.eval.interval and cfg.eval.at_start and r.start_step == 0:
-            r.logger.log(0, self.evaluate(), advance=False)
-        for step in range(r.start_step, cfg.train.steps):
-            with r.logger.phase("rollout"):  # each finished micro-batch streams to its teachers at once
-                data = self.rollout(step)
-            r.rollout.sleep()  # the engine's memory (SGLang) goes to training; the weight sync wakes it
-            with r.logger.phase("old_logprobs"):  # meanwhile the teachers score it
-                self.add_old_logprobs(data)
-            with r.logger.phase("teachers"):
-                self.add_frozen_logprobs(data)
-            metrics = self.add_advantages(data)
-            with r.logger.phase("update"):
-                metrics.update(self.update(data))
-            with r.logger.phase("weight_sync"):
-                r.rollout.sync_weights()
-            if cfg.eval.interval and (step + 1) % cfg.eval.interval == 0:
-                with r.logger.phase("eval"):
-                    metrics.update(self.evaluate())
-            if step == r.start_step:
-                metrics.update(r.dataset.report.as_metrics())  # what the data loader kept and dropped, and why
-            r.logger.log(step + 1, metrics, tokens=self.tokens_per_phase(data, metrics))
-            last = step + 1 == cfg.train.steps or self._stop_agreed()
-            if last or (step + 1) % cfg.checkpoint.interval == 0:
-                with r.logger.phase("checkpoint"):
-                    self.save(step + 1)
+    def train(self) -> None:
+        s, cfg = self.s, self.cfg
+        s.logger.start(self.state.step)
+        s.rollout.sync_weights()
+        if cfg.eval.interval and cfg.eval.at_start and self.state.step == 0:
+            s.logger.log(0, self.evaluate(), advance=False)
+        while self.state.step < cfg.train.steps:
+            with s.logger.phase("rollout"):  # each finished chunk of rows streams to its scorers at once
+                batch = self.rollout(self.state.step)
+            s.rollout.sleep()  # the engine's memory (SGLang) goes to training; the weight sync wakes it
+            if self.old_logprobs == "recompute":
+                with s.logger.phase("old_logprobs"):  # meanwhile dedicated teachers score
+                    self.add_old_logprobs(batch)
+            with s.logger.phase("teachers"):
+                self.add_scores(batch)
+            metrics = self.prepare(batch)  # the objective's per-row values, the NaN guard
+            with s.logger.phase("update"):
+                metrics |= self.update(batch)
+            with s.logger.phase("weight_sync"):
+                s.rollout.sync_weights()
+            self.state.step += 1
+            if cfg.eval.interval and self.state.step % cfg.eval.interval == 0:
+                with s.logger.phase("eval"):
+                    metrics |= self.evaluate()
+            if self.state.step == self.first_step + 1:
+                metrics |= s.dataset.report.as_metrics()  # what the data loader kept and dropped, and why
+            s.logger.log(self.state.step, metrics, tokens=self.tokens_per_phase(batch, metrics))
+            last = self.state.step == cfg.train.steps or self._stop_agreed()
+            if last or self.state.step % cfg.checkpoint.interval == 0:
+                with s.logger.phase("checkpoint"):
+                    self.checkpointer.save(self.state.step)
             if last:
                 break
-        r.shutdown()
+        s.shutdown()
 
-    # ---- 1. rollout ------------------------------------------------------------------------------------------
-    def rollout(self, step: int) -> StepData:
-        r, cfg = self.run_, self.cfg
-        items = [item for item in r.dataset.take(r.sampler.next_indices()) for _ in range(cfg.rollout.samples_per_prompt)]
-        mbs = cfg.train.micro_batch_size
-        chunk_rows = max(mbs, cfg.rollout.chunk_size // mbs * mbs)  # rows per generate call, whole micro-batches
-        micro_batches, responses, reasons, tokens = [], [], [], 0
-        for start in range(0, len(items), chunk_rows):
-            chunk = items[start:start + chunk_rows]
-            if cfg.algo.name == "sft":  # off-policy: the dataset holds the (teacher's) responses
-                samples = [r.dataset_sample(item) for item in chunk]
-            else:  # a seed per (run, step, replica, chunk): a resumed run draws the very same samples
-                seed = zlib.crc32(f"{cfg.train.seed}/{step}/{r.dp_rank}/{start}".encode())
-                samples = r.rollout.generate([i.prompt_ids for i in chunk], dataclasses.replace(r.sampling, seed=seed))
-            for first in range(0, len(samples), mbs):
-                part, owners = samples[first:first + mbs], chunk[first:first + mbs]
-                lengths = [len(s.prompt_ids) + len(s.response_ids) for s in part]
-                batch = samples_to_batch(part, max(lengths), r.pad_id)
-                r.scorer.submit(batch["tokens"], [r.frozen_owners(item) for item in owners], lengths)
-                micro_batches.append(batch)
-                tokens += sum(lengths)
-            responses += [s.response_ids for s in samples]
-            reasons += [s.finish_reason for s in samples]
-        seq = max(mb["tokens"].shape[1] for mb in micro_batches)  # one shape for megatron's schedule
-        micro_batches = [{k: torch.nn.functional.pad(v, (0, seq - v.shape[1])) for k, v in mb.items()}
-                         for mb in micro_batches]
-        return StepData(micro_batches, items, responses, reasons, tokens)
+    # ---- 1. rollout: samples, streamed to their scorers, laid out in micro-batches ---------------------------
+    def rollout(self, step: int) -> StepBatch:
+        s, cfg, objective = self.s, self.cfg, self.objective
+        items = [item for item in s.dataset.take(s.sampler.next_indices())
+                 for _ in range(cfg.rollout.samples_per_prompt)]
+        samples: list[Sample | None] = [None] * len(items)
+        ready: dict[int, tuple[list[int], list[str]]] = {}
+        for row, sample in self._samples(step, items):
+            samples[row] = sample
+            ready[row] = (sample.prompt_ids + sample.response_ids, objective.scorers(items[row]))
+            if len(ready) >= cfg.rollout.chunk_size:
+                s.scoring.submit(ready)
+                ready = {}
+        if ready:
+            s.scoring.submit(ready)
+        rows = [sample.prompt_ids + sample.response_ids for sample in samples]
+        step_plan = plan([len(r) for r in rows], batching(cfg), [objective.group(i) for i in items])
+        micro_batches = [assemble([rows[i] for i in mb], batching(cfg), s.pad_id, per_token={
+            "response_mask": [_response_values(samples[i], [1.0] * len(samples[i].response_ids)) for i in mb],
+            "rollout_lp": [_response_values(samples[i], samples[i].logprobs) for i in mb],
+        }) for mb in step_plan.micro_batches]
+        return StepBatch(items, samples, step_plan, micro_batches)
+
+    def _samples(self, step: int, items: list[PromptItem]):
+        """(row, sample) as they finish: from the engine, or the dataset's responses (SFT)."""
+        if not self.objective.on_policy:
+            return enumerate(self.objective.samples(items))
+        # a seed per (run, step, replica): a resumed run draws the very same samples
+        seed = zlib.crc32(f"{self.cfg.train.seed}/{step}/{self.s.dp.rank()}".encode())
+        params = dataclasses.replace(self.s.sampling, seed=seed)
+        return self.s.rollout.generate_iter([item.prompt_ids for item in items], params)
 
     # ---- 2-3. log-probs of the old policy, the teachers and the reference -----------------------------------
-    def add_old_logprobs(self, data: StepData) -> None:
-        if self.cfg.algo.name == "sft":
-            return
-        old = self.run_.student.token_logprobs(data.micro_batches, temperature=self.cfg.rollout.temperature)
-        for mb, lp in zip(data.micro_batches, old):
+    def add_old_logprobs(self, batch: StepBatch) -> None:
+        old = self.s.student.token_logprobs(batch.micro_batches, temperature=self.cfg.rollout.temperature)
+        for mb, lp in zip(batch.micro_batches, old):
             mb["old_lp"] = lp
 
-    def add_frozen_logprobs(self, data: StepData) -> None:
-        r = self.run_
-        scores = r.scorer.collect()
-        row = 0
-        for j, mb in enumerate(data.micro_batches):
-            rows = mb["tokens"].shape[0]
-            seq = mb["tokens"].shape[1]
-            teachers = [r.teacher_of(item) for item in data.items[row:row + rows]]
-            if teachers[0] is not None:
-                mb["teacher_lp"] = torch.stack([_pad(scores[t][j][i], seq) for i, t in enumerate(teachers)])
-                mb["teacher_index"] = torch.tensor([r.teacher_names.index(t) for t in teachers])
-            if "reference" in scores:
-                mb["ref_lp"] = _pad(scores["reference"][j], seq)
-            row += rows
+    def add_scores(self, batch: StepBatch) -> None:
+        """Each row's inputs of the loss from its scores (a teacher's, the reference's), laid out like its tokens."""
+        scores = self.s.scoring.collect()
+        inputs = [self.objective.inputs(item, {name: scores[name][row] for name in self.objective.scorers(item)})
+                  for row, item in enumerate(batch.items)]
+        for indices, mb in zip(batch.plan.micro_batches, batch.micro_batches):
+            for key in inputs[indices[0]]:
+                mb[key] = lay_out(mb, [inputs[i][key] for i in indices])
 
-    # ---- 4. advantages, with the numerical guards ------------------------------------------------------------
-    def add_advantages(self, data: StepData) -> dict[str, float]:
-        r, cfg = self.run_, self.cfg
-        parts, dropped, rows = [], 0, 0
-        for mb in data.micro_batches:
-            mask = mb["response_mask"].clone()
-            finite = torch.ones(mask.shape[0], dtype=torch.bool)
-            for key in ("rollout_lp", "old_lp", "teacher_lp", "ref_lp"):
-                if key in mb:
-                    finite &= torch.where(mask.bool(), torch.isfinite(mb[key]), True).all(-1)
-            mask[~finite] = 0.0  # a sample with NaN/inf anywhere is dropped from the step, and counted
-            dropped += int((~finite).sum())
-            rows += mask.shape[0]
-            mb["loss_mask"] = mask
-            if cfg.algo.name == "gopd":
-                ref = mb.get("ref_lp")
-                mb["advantages"] = torch.where(mask.bool(), gopd_advantages(
-                    torch.nan_to_num(mb["teacher_lp"]), mb["old_lp"], None if ref is None else torch.nan_to_num(ref),
-                    cfg.algo.lam), 0.0)
-                parts.append(gopd_metrics(mask, mb["advantages"], mb["teacher_lp"], mb["old_lp"], ref))
-                parts.append(self._per_teacher_metrics(mb))
-            if "old_lp" in mb:
-                parts.append(mismatch_metrics(mb["rollout_lp"], mb["old_lp"], mask))
-        if cfg.algo.name == "grpo":
-            parts.append(self._grpo_advantages(data))
-        self.step_dropped = _sum_over(dropped, r.student.pgc.dp) / _sum_over(rows, r.student.pgc.dp)
-        parts.append({"faults/dropped_samples": Stat.total_of(dropped), **_response_metrics(data)})
-        return reduce_metrics(merge_metrics(*parts), r.student.pgc.dp)
-
-    def _grpo_advantages(self, data: StepData) -> dict[str, Stat]:
-        """Binary verifier rewards, normalised within each prompt's group of samples, on every response token."""
-        r, n = self.run_, self.cfg.rollout.samples_per_prompt
-        rewards = torch.tensor(r.verify(data.items, data.responses), dtype=torch.float64)
-        groups = rewards.view(-1, n)
-        advantages = ((groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True, unbiased=False) + 1e-6)).view(-1)
-        row, out = 0, {"grpo/reward": Stat(rewards.sum(), torch.tensor(float(len(rewards))))}
-        for mb in data.micro_batches:
-            rows = mb["tokens"].shape[0]
-            mb["advantages"] = mb["loss_mask"] * advantages[row:row + rows, None].float()
-            row += rows
-        for domain in sorted({i.domain for i in data.items}):
-            mine = torch.tensor([i.domain == domain for i in data.items])
-            out[f"grpo/{domain}/reward"] = Stat(rewards[mine].sum(), mine.sum().double())
-        return out
-
-    def _per_teacher_metrics(self, mb) -> dict[str, Stat]:
-        out = {}
-        for t, name in enumerate(self.run_.teacher_names):
-            rows = (mb["teacher_index"] == t)[:, None] & mb["loss_mask"].bool()
-            out[f"teacher/{name}/samples"] = Stat.total_of((mb["teacher_index"] == t).sum())
-            out[f"teacher/{name}/kl"] = Stat.masked_mean(mb["old_lp"] - mb["teacher_lp"], rows)
-            if "ref_lp" in mb:
-                out[f"teacher/{name}/reward"] = Stat.masked_mean(mb["teacher_lp"] - mb["ref_lp"], rows)
-        return out
+    # ---- 4. before the update: the objective's per-row values, and the NaN guard ----------------------------
+    def prepare(self, batch: StepBatch) -> dict[str, float]:
+        """A row with NaN/inf in any of its response tokens' log-probs is dropped from the step, and counted."""
+        per_row, metrics = self.objective.prepare(batch.items, batch.samples)
+        dropped = 0
+        for indices, mb in zip(batch.plan.micro_batches, batch.micro_batches):
+            for key, values in per_row.items():
+                mb[key] = values[indices]
+            mask = mb["response_mask"].bool()
+            bad = torch.zeros_like(mask)
+            for key, values in mb.items():
+                if key != "response_mask" and values.is_floating_point() and values.shape == mask.shape:
+                    bad |= mask & ~torch.isfinite(values)
+            bad_rows = torch.zeros(len(indices) + 1, dtype=torch.bool)  # + a packed padding tail's
+            bad_rows[mb["row_ids"][bad]] = True
+            mb["loss_mask"] = torch.where(bad_rows[mb["row_ids"]], 0.0, mb["response_mask"])
+            dropped += int(bad_rows.sum())
+        batch.dropped = _sum_over(dropped, self.s.dp) / _sum_over(len(batch.items), self.s.dp)
+        lengths = [len(sample.response_ids) for sample in batch.samples]
+        metrics = merge_metrics(metrics, response_metrics(lengths, [x.finish_reason for x in batch.samples]),
+                                {"faults/dropped_samples": Stat.total_of(dropped),
+                                 "batching/over_budget_rows": Stat.total_of(batch.plan.over_budget),
+                                 "batching/micro_batches": Stat.total_of(len(batch.micro_batches))})
+        return reduce_metrics(metrics, self.s.dp)
 
     # ---- 5. update -------------------------------------------------------------------------------------------
-    def update(self, data: StepData) -> dict[str, float]:
-        r, cfg = self.run_, self.cfg
-        if self.step_dropped > cfg.faults.max_bad_sample_fraction:
-            return self._skip(f"{self.step_dropped:.0%} of the samples had NaN/inf log-probs")
-        dp = r.student.pgc.dp
-        denominator = _sum_over(sum(loss_denominator(mb["loss_mask"], cfg.algo.aggregation) for mb in data.micro_batches), dp)
-        loss_cfg = PolicyLossConfig(cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.dual_clip, cfg.algo.tis_cap,
-                                    cfg.algo.aggregation)
+    def update(self, batch: StepBatch) -> dict[str, float]:
+        s, cfg = self.s, self.cfg
+        if batch.dropped > cfg.faults.max_bad_sample_fraction:
+            return self._skip(f"{batch.dropped:.0%} of the samples had NaN/inf log-probs")
+        aggregation = cfg.algo.aggregation
+        denominator = _sum_over(sum(loss_denominator(mb["loss_mask"], aggregation, mb["row_ids"])
+                                    for mb in batch.micro_batches), s.dp)
 
         def loss_fn(mb, lp, entropy, logits):
-            if cfg.algo.name == "sft":
-                loss, metrics = aggregate_loss(-lp, mb["loss_mask"], cfg.algo.aggregation, denominator), {
-                    "sft/nll": Stat.masked_mean(-lp, mb["loss_mask"])}
-            elif cfg.algo.loss == "full_vocab":
-                kl = r.full_vocab_kl(mb, logits)
-                loss, metrics = aggregate_loss(kl, mb["loss_mask"], cfg.algo.aggregation, denominator), {
-                    "actor/full_vocab_kl": Stat.masked_mean(kl, mb["loss_mask"])}
-            else:
-                loss, metrics = policy_loss(lp, mb["old_lp"], mb["advantages"], mb["loss_mask"], loss_cfg,
-                                            rollout_lp=mb["rollout_lp"], denominator=denominator)
-                if cfg.algo.kl_coef > 0:  # GRPO's optional KL to the reference (k3 estimator)
-                    log_ratio = torch.where(mb["loss_mask"].bool(), mb["ref_lp"] - lp, 0.0)
-                    k3 = log_ratio.exp() - log_ratio - 1
-                    loss = loss + cfg.algo.kl_coef * aggregate_loss(k3, mb["loss_mask"], cfg.algo.aggregation, denominator)
-                    metrics["grpo/kl_ref"] = Stat.masked_mean(k3, mb["loss_mask"])
-            if entropy is not None:
-                metrics["actor/entropy"] = Stat.masked_mean(entropy, mb["loss_mask"])
+            loss, metrics = self.objective.loss(mb, lp, entropy, logits, max(denominator, 1.0))
             metrics["loss"] = Stat.total_of(loss)  # each micro-batch's share: they sum to the global loss
             return loss, metrics
 
         metrics = {}
         for _ in range(cfg.algo.updates_per_batch):
-            outputs, info = r.student.train_step(data.micro_batches, loss_fn, temperature=cfg.rollout.temperature)
+            metrics, info = s.student.train_step(batch.micro_batches, loss_fn, temperature=cfg.rollout.temperature)
             if not info["update_ok"]:
                 return self._skip("the gradients were not finite")
-            metrics = r.last_stage_metrics(outputs)
             metrics.update(grad_norm=info["grad_norm"], lr=info["lr"])
-        self.consecutive_skips = 0
+        if self.old_logprobs == "rollout" and metrics["mismatch/abs_mean"] > cfg.algo.max_rollout_mismatch:
+            raise RuntimeError(f"algo.old_logprobs=rollout: the rollout engine's log-probs differ from the trainer's "
+                               f"by {metrics['mismatch/abs_mean']:.2e} on average, more than algo.max_rollout_"
+                               f"mismatch={cfg.algo.max_rollout_mismatch}; use algo.old_logprobs=recompute")
+        self.state.consecutive_skips = 0
         return metrics
 
     def _skip(self, why: str) -> dict[str, float]:
-        self.consecutive_skips += 1
-        self.run_.logger.write(f"skipping the update: {why} ({self.consecutive_skips} in a row)")
-        if self.consecutive_skips > self.cfg.faults.max_consecutive_skips:
-            raise RuntimeError(f"{self.consecutive_skips} consecutive steps were skipped (last: {why}); stopping. "
-                               "See faults/* in metrics.jsonl")
+        self.state.consecutive_skips += 1
+        self.s.logger.write(f"skipping the update: {why} ({self.state.consecutive_skips} in a row)")
+        if self.state.consecutive_skips > self.cfg.faults.max_consecutive_skips:
+            raise RuntimeError(f"{self.state.consecutive_skips} consecutive steps were skipped (last: {why}); "
+                               "stopping. See faults/* in metrics.jsonl")
         return {"faults/skipped_step": 1.0}
 
-    def tokens_per_phase(self, data: StepData, metrics: dict) -> dict[str, float]:
+    def tokens_per_phase(self, batch: StepBatch, metrics: dict) -> dict[str, float]:
         """Tokens each phase handled, over all replicas: the logger turns them into throughput/<phase>_tokens_per_s."""
-        dp, updated = self.run_.student.pgc.dp, "faults/skipped_step" not in metrics
-        return {"rollout": _sum_over(sum(map(len, data.responses)), dp),
-                "update": _sum_over(data.tokens * self.cfg.algo.updates_per_batch if updated else 0, dp)}
+        updated = "faults/skipped_step" not in metrics
+        tokens = sum(len(x.prompt_ids) + len(x.response_ids) for x in batch.samples)
+        return {"rollout": _sum_over(sum(len(x.response_ids) for x in batch.samples), self.s.dp),
+                "update": _sum_over(tokens * self.cfg.algo.updates_per_batch if updated else 0, self.s.dp)}
 
-    # ---- eval, checkpoint, shutdown --------------------------------------------------------------------------
+    # ---- eval, checkpoint signals ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        r, cfg = self.run_, self.cfg
-        items = r.eval_items[r.dp_rank::r.dp_size]
-        params = dataclasses.replace(r.sampling, temperature=cfg.eval.temperature, seed=cfg.train.seed)
-        records = generate_and_verify(r.rollout.generate, items, r.decode, n=cfg.eval.n, params=params) \
-            if r.rollout.is_leader else []
-        gathered = [None] * r.dp_size
-        dist.all_gather_object(gathered, records, group=r.student.pgc.dp)
+        """Every replica's leader samples its share of the eval prompts with its engine; rank 0 logs the lot."""
+        s, cfg = self.s, self.cfg
+        items = s.eval_items[s.dp.rank()::s.dp.size()]
+        params = dataclasses.replace(s.sampling, temperature=cfg.eval.temperature, seed=cfg.train.seed)
+        engine = s.rollout.engine
+        records = generate_and_verify(engine.generate, items, s.decode, n=cfg.eval.n, params=params) \
+            if engine is not None else []
+        gathered = [None] * s.dp.size()
+        dist.all_gather_object(gathered, records, group=s.dp)
         return {f"eval/{k}": v for k, v in summarize([x for part in gathered for x in part]).items()}
-
-    def save(self, step: int) -> None:
-        r = self.run_
-        checkpoint.save_training_checkpoint(
-            r.checkpoint_root, step, r.student, keep_last=self.cfg.checkpoint.keep_last, group=r.student_world,
-            hf_dir=r.student_hf_dir,
-            trainer_state={"step": step, "sampler": r.sampler.state_dict(),
-                           "consecutive_skips": self.consecutive_skips},
-        )
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
-        self.run_.logger.write("SIGTERM: finishing this step, writing a checkpoint, then exiting")
+        self.s.logger.write("SIGTERM: finishing this step, writing a checkpoint, then exiting")
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([float(self.stop_requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.run_.student_world)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.s.layout.student.world)
         return bool(flag.item())
 
 
-def _response_metrics(data: StepData) -> dict[str, Stat]:
-    """Response lengths, and the fraction of responses cut off at max_new_tokens (finish reason "length")."""
-    rows = torch.tensor(float(len(data.responses)), dtype=torch.float64)
-    truncated = sum(reason == "length" for reason in data.finish_reasons)
-    return {"rollout/truncated_frac": Stat(torch.tensor(float(truncated), dtype=torch.float64), rows),
-            "rollout/response_length": Stat(torch.tensor(float(sum(map(len, data.responses))), dtype=torch.float64),
-                                             rows)}
-
-
-def _pad(t: torch.Tensor, seq: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, seq - t.shape[-1]))
+def _response_values(sample: Sample, values: list[float]) -> torch.Tensor:
+    """Per-token values of a row that are 0 on its prompt and `values` on its response."""
+    return torch.tensor([0.0] * len(sample.prompt_ids) + list(values))
 
 
 def _sum_over(value: float, group) -> float:

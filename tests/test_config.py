@@ -4,7 +4,15 @@ import pytest
 import yaml
 
 from megatron_gopd.config import ConfigError, load_config
+from megatron_gopd.session import check_run
 from tests.runs import write_run
+
+
+def load(path, overrides=(), world_size=2):
+    """What `python -m megatron_gopd.train` checks before any process group: the config, then the run."""
+    config = load_config(path, list(overrides))
+    check_run(config, world_size)
+    return config
 
 
 def teachers(ckpts, **math):
@@ -24,14 +32,16 @@ def teachers(ckpts, **math):
     ("rollout.engine=vllm", "rollout.engine"),
     ("data.on_bad_row=ignore", "data.on_bad_row"),
     ("student.dtype=fp16", "student.dtype"),
-    ("train.micro_batch_size=3", "train.micro_batch_size"),  # 4 prompts per step do not split into 3s
+    ("rollout.temperature=0", "rollout.temperature"),  # greedy: no log-probs to train on
+    ("train.pack_sequences=true", "train.pack_sequences"),  # with student.attention=megatron below
     ("data.prompts_per_step=3", "data.prompts_per_step"),  # nor over 2 data-parallel replicas (world 2)
     ("data.default_teacher=poetry", "data.default_teacher"),
     ("algo.loss=kl", "algo.loss"),
 ])
 def test_bad_values_are_rejected_naming_the_key(override, key, tiny_checkpoints, tmp_path):
+    extra = ["student.attention=megatron"] if key == "train.pack_sequences" else []
     with pytest.raises(ConfigError) as error:
-        load_config(write_run(tmp_path, tiny_checkpoints), [override], world_size=2)
+        load(write_run(tmp_path, tiny_checkpoints), [override, *extra])
     assert str(error.value).startswith(f"{key}: ") and "\n" not in str(error.value)
 
 
@@ -72,14 +82,31 @@ def test_cross_field_rules_name_the_key(change, message, tiny_checkpoints, tmp_p
     path = write_run(tmp_path, tiny_checkpoints, **overrides)
     args = ["rollout.temperature=0.7"] if change.get("teachers") == "sglang_temperature" else []
     with pytest.raises(ConfigError) as error:
-        load_config(path, args, world_size=None)
+        load(path, args, world_size=None)
     assert str(error.value) == message
 
 
 def test_a_valid_config_round_trips_through_its_resolved_yaml(tiny_checkpoints, tmp_path):
     from megatron_gopd.config import save_resolved
 
-    config = load_config(write_run(tmp_path, tiny_checkpoints), ["algo.lam=1.5"], world_size=2)
+    config = load(write_run(tmp_path, tiny_checkpoints), ["algo.lam=1.5"])
     save_resolved(config, tmp_path / "resolved.yaml")
-    again = load_config(tmp_path / "resolved.yaml", world_size=2)
+    again = load(tmp_path / "resolved.yaml")
     assert again == config and yaml.safe_load((tmp_path / "resolved.yaml").read_text())["algo"]["lam"] == 1.5
+
+
+def test_list_entries_are_overridden_by_index(tiny_checkpoints, tmp_path):
+    path = write_run(tmp_path, tiny_checkpoints)
+    config = load(path, ["teachers.0.placement=dedicated", "teachers.1.dtype=bf16", "teachers.0.parallel.tp=2"],
+                  world_size=4)
+    assert (config.teachers[0].placement, config.teachers[0].parallel.tp, config.teachers[1].dtype) == (
+        "dedicated", 2, "bf16")
+    assert config.teachers[1].placement == "colocated" and config.teachers[0].dtype == "fp32"  # the rest as given
+    for override, message in [
+            ("teachers.2.dtype=bf16", "teachers.2: index 2 is out of range (teachers has 2 entries)"),
+            ("teachers.x.dtype=bf16", "teachers.x: teachers is a list; index it by number"),
+            ("teachers.0.colour=red", "teachers[0].colour: unknown config key; known keys:"),
+            ("algo.lam.x=1", "algo.lam.x: algo.lam is a value, not a section")]:
+        with pytest.raises(ConfigError) as error:
+            load(path, [override])
+        assert str(error.value).startswith(message), (override, str(error.value))

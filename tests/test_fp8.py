@@ -40,9 +40,9 @@ def test_student_fp8_from_the_config(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("student: {path: s, fp8: e4m3, fp8_recipe: delayed}\n"
                       "teachers: [{name: t, path: t, domains: [math]}]\ndata: {train: [x.jsonl]}\n")
-    assert load_config(config, check_paths=False).student.fp8 == "e4m3"
+    assert load_config(config).student.fp8 == "e4m3"
     with pytest.raises(ConfigError, match="student.fp8"):
-        load_config(config, ["student.fp8=e5m2"], check_paths=False)
+        load_config(config, ["student.fp8=e5m2"])
 
 
 def test_building_an_fp8_student_on_cpu_fails_before_any_work(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from megatron_gopd.config import ConfigError, load_config
+from megatron_gopd.session import check_run, frozen_models
 from tests.conftest import ROOT
 
 WORLD = r"^student.parallel: world size {} minus \d+ dedicated"  # the GPUs do not hold the roles
@@ -23,17 +24,18 @@ RECIPES = {  # config -> (GPUs its launch script starts: student + dedicated fro
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipe_fits_its_gpu_count(recipe):
     gpus, steps, fewer = RECIPES[recipe]
-    config = load_config(ROOT / recipe, world_size=gpus, check_paths=False)
+    config = load_config(ROOT / recipe)
+    check_run(config, gpus, files=False)
     assert config.train.steps == steps
     with pytest.raises(ConfigError, match=fewer.format(gpus - 1)):
-        load_config(ROOT / recipe, world_size=gpus - 1, check_paths=False)  # one GPU fewer does not fit
+        check_run(config, gpus - 1, files=False)  # one GPU fewer does not fit
 
 
 def test_paper_hyper_parameters():
-    merge = load_config(ROOT / "examples/qwen3_4b_multi_teacher/config.yaml", world_size=16, check_paths=False)
+    merge = load_config(ROOT / "examples/qwen3_4b_multi_teacher/config.yaml")
     assert (merge.algo.lam, merge.optim.lr, merge.data.prompts_per_step, merge.train.steps) == (1.25, 1e-5, 1024, 50)
-    assert merge.uses_reference()  # lambda != 1: the student's init is needed as the reference
-    rc = load_config(ROOT / "examples/qwen3_strong_to_weak/reward_correction.yaml", world_size=8, check_paths=False)
+    assert "reference" in frozen_models(merge)  # lambda != 1: the student's init is needed as the reference
+    rc = load_config(ROOT / "examples/qwen3_strong_to_weak/reward_correction.yaml")
     assert rc.reference.path == "hf/Qwen3-30B-A3B-Base"
 
 
@@ -44,7 +46,7 @@ QWEN3_RECIPES = [r for r in RECIPES if "qwen3" in r or "grpo" in r]
 
 @pytest.mark.parametrize("recipe", QWEN3_RECIPES)
 def test_qwen3_recipes_render_the_non_thinking_chat_template(recipe):
-    config = load_config(ROOT / recipe, world_size=RECIPES[recipe][0], check_paths=False)
+    config = load_config(ROOT / recipe)
     assert config.data.chat_template_kwargs == {"enable_thinking": False}
 
 
@@ -66,7 +68,7 @@ def test_chat_template_kwargs_reach_the_template(tmp_path):
     config.write_text("student: {path: s}\nteachers: [{name: t, path: t, domains: [math]}]\n"
                       "data: {train: [x.jsonl], chat_template_kwargs: {not-a-name: 1}}\n")
     with pytest.raises(ConfigError, match="data.chat_template_kwargs: keys must be identifiers"):
-        load_config(config, check_paths=False)
+        load_config(config)
 
 
 def test_teacher_servers_listen_beyond_localhost():

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from megatron_gopd.rollout.base import Sample, SamplingParams, samples_to_batch
+from megatron_gopd.rollout.base import Sample, SamplingParams
 from megatron_gopd.rollout.hf_engine import HFRolloutEngine, processed_logprobs, sample_next
 from tests.conftest import run_torchrun
 from tests.tiny import tiny_hf_model
@@ -81,22 +81,13 @@ def test_sampling_params_are_validated():
             SamplingParams(**bad)
 
 
-def test_samples_to_batch_aligns_rollout_logprobs_with_tokens():
-    batch = samples_to_batch([Sample([1, 2], [3, 4, 5], [-0.1, -0.2, -0.3], "stop")], seq_len=7, pad_id=0)
-    assert batch["tokens"].tolist() == [[1, 2, 3, 4, 5, 0, 0]]
-    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 1, 0, 0]]
-    assert torch.allclose(batch["rollout_lp"], torch.tensor([[0, 0, -0.1, -0.2, -0.3, 0, 0]]))
-    with pytest.raises(ValueError, match="more than the batch length"):
-        samples_to_batch([Sample([1, 2], [3, 4, 5], [0.0] * 3, "stop")], seq_len=4)
-
-
 def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(monkeypatch):
-    """Issue 5: Trainer.run's order of rollout and training phases, with the phases and the run faked (no
+    """Issue 5: Trainer.train's order of rollout and training phases, with the phases and the session faked (no
     process groups)."""
     import contextlib
     from types import SimpleNamespace
 
-    from megatron_gopd.trainer import StepData, Trainer
+    from megatron_gopd.trainer import Trainer
 
     calls = []
 
@@ -116,34 +107,38 @@ def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(m
         def log(self, step, metrics, **kwargs):
             calls.append("log")
 
+        def start(self, step):
+            pass
+
     class FakeTrainer(Trainer):
         def rollout(self, step):
-            return StepData([], [], [[5, 6]], ["length"], 4)
+            return SimpleNamespace(samples=[])
 
-        def add_old_logprobs(self, data):
+        def add_old_logprobs(self, batch):
             pass
 
-        def add_frozen_logprobs(self, data):
+        def add_scores(self, batch):
             pass
 
-        def add_advantages(self, data):
+        def prepare(self, batch):
             return {}
 
-        def update(self, data):
+        def update(self, batch):
             calls.append("train_step")
             return {}
 
-        def save(self, step):
-            pass
+        def tokens_per_phase(self, batch, metrics):
+            return {}
 
-    cfg = SimpleNamespace(eval=SimpleNamespace(interval=0), train=SimpleNamespace(steps=2),
-                          checkpoint=SimpleNamespace(interval=100), algo=SimpleNamespace(updates_per_batch=1))
-    run = SimpleNamespace(config=cfg, trainer_state={}, start_step=0, rollout=Rollout(), logger=Logger(),
-                          dataset=SimpleNamespace(report=SimpleNamespace(as_metrics=dict)),
-                          student=SimpleNamespace(pgc=SimpleNamespace(dp=None)), shutdown=lambda: calls.append("end"))
-    trainer = FakeTrainer(run)
+    cfg = SimpleNamespace(eval=SimpleNamespace(interval=0), train=SimpleNamespace(steps=2, resume="never"),
+                          checkpoint=SimpleNamespace(interval=100), algo=SimpleNamespace(old_logprobs="recompute"))
+    checkpointer = SimpleNamespace(restore=lambda resume: False, save=lambda step: None)
+    session = SimpleNamespace(config=cfg, objective=SimpleNamespace(on_policy=True), rollout=Rollout(),
+                              logger=Logger(), checkpointer=lambda states: checkpointer,
+                              dataset=SimpleNamespace(report=SimpleNamespace(as_metrics=dict)),
+                              shutdown=lambda: calls.append("end"))
+    trainer = FakeTrainer(session)
     trainer._stop_agreed = lambda: False
-    monkeypatch.setattr("megatron_gopd.trainer._sum_over", lambda value, group: value)
-    trainer.run()
+    trainer.train()
     step = ["rollout", "sleep", "old_logprobs", "teachers", "update", "train_step", "weight_sync", "sync", "log"]
     assert calls == ["sync"] + step + step + ["checkpoint", "end"]

@@ -157,10 +157,10 @@ def test_backoff_is_bounded_and_retries_are_configured(tmp_path):
     assert backoff_delays(6) == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
     config = tmp_path / "c.yaml"
     config.write_text("student: {path: s}\nteachers: [{name: t, path: t, domains: [math]}]\ndata: {train: [x.jsonl]}\n")
-    assert load_config(config, check_paths=False).faults.http_retries == 3
-    assert load_config(config, ["faults.http_retries=0"], check_paths=False).faults.http_retries == 0
+    assert load_config(config).faults.http_retries == 3
+    assert load_config(config, ["faults.http_retries=0"]).faults.http_retries == 0
     with pytest.raises(ConfigError, match="faults.http_retries: must be >= 0"):
-        load_config(config, ["faults.http_retries=-1"], check_paths=False)
+        load_config(config, ["faults.http_retries=-1"])
 
 
 @pytest.mark.gpu

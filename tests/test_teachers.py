@@ -30,8 +30,12 @@ def test_teacher_logprobs_reach_the_student_and_only_their_domain(placement, tin
     for rank in result["ranks"]:
         for name, (calls, samples) in rank["counts"].items():
             counts.setdefault(name, set()).add((calls, samples))
-    # 2 steps x 2 micro-batches; math rows: 2+2 per step, code rows: 1+3 per step; references score every row
-    assert counts == {"math": {(4, 8)}, "code": {(4, 8)}, "ref_init": {(4, 16)}, "ref_base": {(4, 16)}}
+    # per step, math rows 2 + 2 and code rows 1 + 3 in two submissions; the references score all 8. A colocated
+    # model scores the step's rows at once, 4 rows per forward; a dedicated one each submission as it comes.
+    calls = {name: (2 if name in dedicated else 1) if name in ("math", "code") else (3 if name in dedicated else 2)
+             for name in ("math", "code", "ref_init", "ref_base")}
+    samples = {"math": 4, "code": 4, "ref_init": 8, "ref_base": 8}
+    assert counts == {name: {(2 * calls[name], 2 * samples[name])} for name in calls}, counts  # 2 steps
     roles = {r["rank"]: r["role"] for r in result["ranks"]}
     assert [roles[r] for r in sorted(roles)] == ["student"] * math.prod(student) + [
         name for name, shape in dedicated.items() for _ in range(math.prod(shape))]

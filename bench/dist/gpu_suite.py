@@ -1,5 +1,6 @@
 """The GPU suite (torchrun, one process on one CUDA device): student train-step MFU at ~1.3B scale with the local
-layer spec, and with Transformer Engine (bf16, then FP8) when TE is installed; rollout tokens/s of our engine
+layer spec (megatron's attention, then torch's fused attention), and with Transformer Engine (bf16, then FP8) when TE
+is installed; rollout tokens/s of our engine
 against transformers.generate; weight-sync GB/s. Models are randomly initialised from a Llama config (no download).
 Each part records its error instead of stopping the others. Written without a GPU to run it on: only its --smoke
 form (a tiny model, any device, the CPU included) has been run.
@@ -62,21 +63,16 @@ def peak_gib() -> float | None:
 
 def train_mfu(hf_dir: Path, layout, spec: str, fp8: str | None, micro_batches: int, mbs: int, seq: int,
               steps: int) -> dict:
-    from megatron_gopd.algo.gopd import PolicyLossConfig, policy_loss
-    from megatron_gopd.config import OptimConfig
+    from megatron_gopd.algo.losses import PolicyLossConfig, policy_loss
     from megatron_gopd.models import builder
     from megatron_gopd.models.architectures import ModelDims
-    from megatron_gopd.models.parallel_model import TrainableModel
+    from megatron_gopd.models.parallel_model import TrainableModel, adam
 
     dims = ModelDims.from_hf(hf_dir)
-    if spec == "local":  # the builder picks TE whenever it is importable; this row measures the local spec
-        available, builder.transformer_engine_available = builder.transformer_engine_available, lambda: False
-    try:
-        gpt = builder.build_model(dims, layout.student.pgc, dtype=torch.bfloat16, fp8=fp8)
-    finally:
-        if spec == "local":
-            builder.transformer_engine_available = available
-    student = TrainableModel(gpt, dims, OptimConfig(lr=1e-5), layout.student.world, total_steps=steps + 2)
+    # "local": megatron's own local attention (S x S scores); "sdpa": the local spec with torch's fused attention
+    attention = {"local": "megatron", "sdpa": "sdpa", "te": "te"}[spec]
+    gpt = builder.build_model(dims, layout.student.pgc, dtype=torch.bfloat16, fp8=fp8, attention=attention)
+    student = TrainableModel(gpt, dims, adam(1e-5), layout.student.world)
     g = torch.Generator(device=device()).manual_seed(0)
     batches = []
     for _ in range(micro_batches):
@@ -199,7 +195,8 @@ def main() -> None:
         hf_dir = write_hf_config_dir(dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=10000.0,
                                           tie_word_embeddings=False, **(SMOKE_MODEL if args.smoke else MODEL)),
                                      Path(tmp) / "llama")
-        runs = [("local", None)] + ([("te", None), ("te", "hybrid")] if report["transformer_engine"] else [])
+        runs = [("local", None), ("sdpa", None)] + (
+            [("te", None), ("te", "hybrid")] if report["transformer_engine"] else [])
         shape = dict(micro_batches=2 if args.smoke else 4, mbs=2, seq=64 if args.smoke else 2048,
                      steps=1 if args.smoke else 3 if args.quick else 8)
         for spec, fp8 in runs:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from megatron_gopd.data.prompts import PromptItem
 from megatron_gopd.eval.metrics import domain_metrics
-from megatron_gopd.eval.verifiers import CodeTests, verify_batch
+from megatron_gopd.eval.verifiers import CodeTests, VerifyResult, verify_batch
 from megatron_gopd.rollout.base import Sample, SamplingParams
 
 
@@ -33,6 +33,11 @@ def reference_of(item: PromptItem):
     return tests
 
 
+def verify_items(items: list[PromptItem], texts: list[str]) -> list[VerifyResult]:
+    """Each item's verifier on its response text (code runs sandboxed)."""
+    return verify_batch([verifier_kind(i) for i in items], texts, [reference_of(i) for i in items])
+
+
 def generate_and_verify(
     generate: Callable[[list[list[int]], SamplingParams], list[Sample]],
     items: list[PromptItem],
@@ -46,7 +51,7 @@ def generate_and_verify(
     samples = generate(prompts, params)
     expanded = [item for item in items for _ in range(n)]
     texts = [decode(s.response_ids) for s in samples]
-    results = verify_batch([verifier_kind(i) for i in expanded], texts, [reference_of(i) for i in expanded])
+    results = verify_items(expanded, texts)
     return [
         {"uid": item.uid, "domain": item.domain, "correct": r.correct, "length": len(s.response_ids),
          "finish": s.finish_reason, "response": text}

@@ -9,8 +9,8 @@ its rows end to end in one sequence of batch 1, with `cu_seqlens`): each row the
 at each row's first token is 0.
 
 Devices: the trainer's tensors (rollout batches, old log-probs, advantages, masks, teacher scores) live on the
-CPU. This class is the one boundary: `run` moves each micro-batch to the model's device as the schedule takes it,
-the loss function computes there, and whatever leaves `run` (the loss function's metrics, `token_logprobs`) is
+CPU. This class is the one boundary: `forward_backward` moves each micro-batch to the model's device as the schedule takes it,
+the loss function computes there, and whatever leaves `forward_backward` (the loss function's metrics, `token_logprobs`) is
 returned on the CPU. On a CPU-only machine both moves are no-ops.
 """
 
@@ -32,10 +32,10 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
-from megatron_gopd.config import OptimConfig
+from megatron_gopd.metrics import merge_metrics, reduce_metrics
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.packing import ROW_BOUNDS, packed_positions, packed_seq_params, row_starts
-from megatron_gopd.runtime.distributed import collectives_scoped_to, device
+from megatron_gopd.runtime.distributed import collectives_scoped_to, computed_on, device
 
 # "tokens" [b, s] plus any per-token inputs of the loss; packed (models/packing.py): b = 1, plus "cu_seqlens"
 MicroBatch = dict[str, torch.Tensor]
@@ -136,10 +136,11 @@ class ParallelModel:
     def is_last_stage(self) -> bool:
         return self.pgc.pp.rank() == self.pgc.pp.size() - 1
 
-    def run(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float, forward_only: bool,
-            with_entropy: bool = True) -> list[dict]:
-        """Runs megatron's schedule over the micro-batches (all of one shape at PP > 1). Returns, on the last
-        pipeline stage, each micro-batch's metrics dict, its tensors on the CPU; elsewhere an empty list.
+    def forward_backward(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float,
+                         forward_only: bool, with_entropy: bool = True) -> list[dict]:
+        """Runs megatron's schedule over the micro-batches (of any shapes: at PP > 1 the stages exchange each
+        activation's shape). Returns, on the last pipeline stage, each micro-batch's metrics dict, its tensors on
+        the CPU; elsewhere an empty list.
 
         Each micro-batch reaches `loss_fn` with its tensors on the model's device, as do the log-probs. A packed
         micro-batch (models/packing.py) runs each of its rows as if alone; `loss_fn` sees its [1, T] tensors."""
@@ -147,26 +148,15 @@ class ParallelModel:
         micro_batches = [pad_tokens(mb, fp8_padded_length(mb["tokens"].shape[1], config)) for mb in micro_batches]
         batch, seq = micro_batches[0]["tokens"].shape
         target = device()
-        if any(ROW_BOUNDS in mb for mb in micro_batches):
-            self._check_packing_supported()
 
         def forward_step(data_iterator, model):
             host = next(data_iterator)
             mb = to_device(host, target)
-            tokens = mb["tokens"]
-            b, s = tokens.shape
-            if ROW_BOUNDS in host:
-                packing = packed_seq_params(host[ROW_BOUNDS], s, tokens.device)
-                positions = packed_positions(packing.cu_seqlens_q, s)
-                starts = row_starts(packing.cu_seqlens_q, s)
-            else:
-                packing, starts = None, None
-                positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
-            output = model(tokens, positions, None, packed_seq_params=packing)
+            output, starts = self._forward(model, host, mb["tokens"])
 
             def loss_func(logits):
                 lp, ent = shifted_token_logprobs(
-                    logits, tokens, pgc.tp, vocab_size=self.dims.vocab_size, temperature=temperature,
+                    logits, mb["tokens"], pgc.tp, vocab_size=self.dims.vocab_size, temperature=temperature,
                     with_entropy=with_entropy, row_starts=starts,
                 )
                 return loss_fn(mb, lp, ent, logits)
@@ -189,6 +179,25 @@ class ParallelModel:
         )
         return to_host(outputs)
 
+    def _forward(self, model, host: MicroBatch, tokens: torch.Tensor):
+        """This stage's output for a micro-batch (`host`: its CPU tensors, `tokens` on the model's device), and the
+        first index of each packed row (None unpacked)."""
+        b, s = tokens.shape
+        if ROW_BOUNDS not in host:
+            positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
+            return model(tokens, positions, None), None
+        self._check_packing_supported()
+        packing = packed_seq_params(host[ROW_BOUNDS], s, tokens.device)
+        positions = packed_positions(packing.cu_seqlens_q, s)
+        return model(tokens, positions, None, packed_seq_params=packing), row_starts(packing.cu_seqlens_q, s)
+
+    @torch.no_grad()
+    def logits(self, mb: MicroBatch) -> torch.Tensor:
+        """This rank's vocab shard of the logits of a micro-batch whose tensors are on the model's device (a
+        single-stage model: the full-vocabulary loss reads a colocated teacher's logits inside the student's)."""
+        host = {ROW_BOUNDS: mb[ROW_BOUNDS].cpu()} if ROW_BOUNDS in mb else {}
+        return self._forward(self.gpt, host, mb["tokens"])[0]
+
     def _check_packing_supported(self) -> None:
         if any(isinstance(m, DotProductAttention) for m in self.gpt.modules()):
             raise ValueError("packed micro-batches need attention 'sdpa' or 'te': megatron's DotProductAttention "
@@ -202,7 +211,8 @@ class ParallelModel:
             return lp.new_zeros(()), {"logprobs": lp}
 
         self.module.eval()
-        outputs = self.run(micro_batches, keep, temperature=temperature, forward_only=True, with_entropy=False)
+        outputs = self.forward_backward(micro_batches, keep, temperature=temperature, forward_only=True,
+                                        with_entropy=False)
         results = [o["logprobs"][:, :mb["tokens"].shape[1]] for o, mb in zip(outputs, micro_batches)  # no FP8 pad
                    ] if self.is_last_stage else [
             torch.empty(mb["tokens"].shape) for mb in micro_batches
@@ -214,37 +224,50 @@ class ParallelModel:
         return results
 
 
+def adam(lr: float, **settings) -> OptimizerConfig:
+    """megatron's optimizer config for Adam with the distributed optimizer and no weight decay, unless `settings`
+    say otherwise (megatron's own defaults differ: weight decay 0.01, no distributed optimizer)."""
+    return OptimizerConfig(**{"optimizer": "adam", "lr": lr, "min_lr": 0.0, "weight_decay": 0.0,
+                              "use_distributed_optimizer": True,
+                              **settings})
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """megatron's OptimizerParamScheduler settings: linear warmup, then `decay_style` over `decay_steps`."""
+
+    warmup_steps: int = 0
+    decay_steps: int = 1
+    decay_style: str = "constant"  # constant | linear | cosine
+
+
 class TrainableModel(ParallelModel):
     """The student: megatron DDP + the (distributed) optimizer + an LR schedule."""
 
-    def __init__(self, gpt: GPTModel, dims: ModelDims, optim: OptimConfig, role_world: dist.ProcessGroup,
-                 total_steps: int):
+    def __init__(self, gpt: GPTModel, dims: ModelDims, optimizer: OptimizerConfig, role_world: dist.ProcessGroup,
+                 schedule: LRSchedule = LRSchedule()):
+        """`optimizer`: megatron's own config (lr, Adam, clipping, distributed or not); its precision flags are
+        taken from the model."""
         config, pgc = gpt.config, gpt.pg_collection
+        optimizer = dataclasses.replace(optimizer, bf16=config.bf16, params_dtype=config.params_dtype)
         ddp = DistributedDataParallel(
             config=config,
             ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=optim.distributed_optimizer
+                grad_reduce_in_fp32=True, use_distributed_optimizer=optimizer.use_distributed_optimizer
             ),
             module=gpt,
             pg_collection=pgc,
         )
         super().__init__(ddp, dims)
         self.role_world = role_world
-        optimizer_config = OptimizerConfig(
-            optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-            adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-            clip_grad=optim.clip_grad, use_distributed_optimizer=optim.distributed_optimizer,
-            bf16=config.bf16, params_dtype=config.params_dtype,
-        )
         with collectives_scoped_to(role_world):  # it all-gathers over the WORLD group
-            self.optimizer = get_megatron_optimizer(
-                optimizer_config, [ddp], use_gloo_process_groups=False, pg_collection=pgc
-            )
+            self.optimizer = get_megatron_optimizer(optimizer, [ddp], use_gloo_process_groups=False,
+                                                    pg_collection=pgc)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
-            lr_warmup_steps=optim.warmup_steps, lr_decay_steps=optim.decay_steps or max(total_steps, 1),
-            lr_decay_style=optim.decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
-            wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+            self.optimizer, init_lr=0.0 if schedule.warmup_steps else optimizer.lr, max_lr=optimizer.lr,
+            min_lr=optimizer.min_lr, lr_warmup_steps=schedule.warmup_steps, lr_decay_steps=schedule.decay_steps,
+            lr_decay_style=schedule.decay_style, start_wd=optimizer.weight_decay, end_wd=optimizer.weight_decay,
+            wd_incr_steps=schedule.decay_steps, wd_incr_style="constant",
         )
         self._offloaded = False
         config.finalize_model_grads_func = finalize_model_grads
@@ -252,8 +275,9 @@ class TrainableModel(ParallelModel):
         config.grad_scale_func = self.optimizer.scale_loss
 
     def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float,
-                   with_entropy: bool = True) -> tuple[list[dict], dict]:
-        """One optimizer step over this DP rank's micro-batches.
+                   with_entropy: bool = True) -> tuple[dict[str, float], dict]:
+        """One optimizer step over this DP rank's micro-batches. Returns the loss function's metrics reduced over
+        the data-parallel replicas (on every rank), and the step's grad_norm, lr and whether it updated.
 
         `loss_fn` must return each micro-batch's share of the GLOBAL loss (its sum of terms divided by the
         global normaliser). Megatron divides each micro-batch loss by the number of micro-batches and DDP
@@ -268,14 +292,18 @@ class TrainableModel(ParallelModel):
         self.module.train()
         self.module.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self.run(micro_batches, scaled_loss, temperature=temperature, forward_only=False,
-                           with_entropy=with_entropy)
+        outputs = self.forward_backward(micro_batches, scaled_loss, temperature=temperature, forward_only=False,
+                                        with_entropy=with_entropy)
+        # the last pipeline stage holds the loss outputs: reduced over DP there, then shared with the other stages
+        metrics = computed_on(self.pgc.pp, lambda: reduce_metrics(merge_metrics(*outputs), self.pgc.dp),
+                              src=self.pgc.pp.size() - 1)
+        lr = self.optimizer.param_groups[0]["lr"]
         if not self._grads_finite():  # megatron's fp32/bf16 optimizers would apply NaN/inf grads
-            return outputs, {"grad_norm": math.nan, "update_ok": False, "lr": self.optimizer.param_groups[0]["lr"]}
+            return metrics, {"grad_norm": math.nan, "update_ok": False, "lr": lr}
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
-        return outputs, {"grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
+        return metrics, {"grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
                          "lr": self.optimizer.param_groups[0]["lr"]}
 
     def release_memory(self, offload: bool) -> None:

@@ -64,33 +64,3 @@ class RolloutEngine(Protocol):
         """Regain the KV cache, after the weight sync and before generation."""
 
     def shutdown(self) -> None: ...
-
-
-def mismatch_metrics(rollout_lp: torch.Tensor, old_lp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """The rollout/trainer mismatch on response tokens: mean and max of |log pi_rollout - log pi_old|, and the
-    sampled KL(rollout || trainer), as partials that reduce exactly across micro-batches and DP ranks."""
-    from megatron_gopd.algo.gopd import Stat
-
-    diff = rollout_lp.float() - old_lp.float()
-    return {
-        "mismatch/abs_mean": Stat.masked_mean(diff.abs(), mask),
-        "mismatch/abs_max": Stat.masked_max(diff.abs(), mask),
-        "mismatch/kl": Stat.masked_mean(diff, mask),
-    }
-
-
-def samples_to_batch(samples: list[Sample], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded [prompt | response | pad] rows, with per-token tensors aligned to the tokens:
-    `response_mask` marks response tokens and `rollout_lp` holds the engine's log-probs there."""
-    batch = len(samples)
-    tokens = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    mask = torch.zeros(batch, seq_len)
-    rollout_lp = torch.zeros(batch, seq_len)
-    for i, s in enumerate(samples):
-        start, end = len(s.prompt_ids), len(s.prompt_ids) + len(s.response_ids)
-        if end > seq_len:
-            raise ValueError(f"sample {i} has {end} tokens, more than the batch length {seq_len}")
-        tokens[i, :end] = torch.tensor(s.prompt_ids + s.response_ids)
-        mask[i, start:end] = 1.0
-        rollout_lp[i, start:end] = torch.tensor(s.logprobs)
-    return {"tokens": tokens, "response_mask": mask, "rollout_lp": rollout_lp}

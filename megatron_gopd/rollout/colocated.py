@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
-import torch.distributed as dist
+from pathlib import Path
+
 from megatron.core.models.gpt import GPTModel
 
+from megatron_gopd.config import RunConfig
 from megatron_gopd.models.architectures import ModelDims
+from megatron_gopd.models.builder import DTYPES
 from megatron_gopd.models.export import export_hf_weights
 from megatron_gopd.rollout.base import RolloutEngine, Sample, SamplingParams
+from megatron_gopd.runtime.distributed import computed_on, device
 
 
 class TrainerMemory(Protocol):  # models.parallel_model.TrainableModel
@@ -65,28 +69,43 @@ class ColocatedRollout:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         """The leader generates; the other ranks of its TP x PP group receive the same samples."""
-        result = [self.engine.generate(prompts, params) if self.is_leader else None]
-        if self.mp.size() > 1:
-            dist.broadcast_object_list(result, src=dist.get_global_rank(self.mp, 0), group=self.mp)
-        return result[0]
+        return computed_on(self.mp, lambda: self.engine.generate(prompts, params))
 
     def generate_iter(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, Sample]]:
         """(row, sample) as the engine finishes them (see RolloutEngine.generate_iter), on every rank of the
         leader's TP x PP group, in the leader's order: each is broadcast as it comes, then an end marker."""
-        if self.mp.size() == 1:
-            yield from self.engine.generate_iter(prompts, params)
-            return
         source = self.engine.generate_iter(prompts, params) if self.is_leader else None
-        src = dist.get_global_rank(self.mp, 0)
-        while True:
-            item = [next(source, None) if self.is_leader else None]
-            dist.broadcast_object_list(item, src=src, group=self.mp)
-            if item[0] is None:
-                return
-            yield item[0]
+        while (item := computed_on(self.mp, lambda: next(source, None))) is not None:
+            yield item
 
     def sleep(self) -> None:
         if self.engine is not None:
             self.engine.sleep()
         if self.trainer is not None:
             self.trainer.reclaim_memory()
+
+
+def build_rollout(cfg: RunConfig, trainer: TrainerMemory, student: GPTModel, dims: ModelDims) -> ColocatedRollout:
+    """The replica's engine on its leader (transformers, or SGLang on GPU spanning `rollout.engine_tp` of the
+    first stage's TP ranks), fed from the student's weights."""
+    pgc, r = student.pg_collection, cfg.rollout
+    is_leader, ranks = pgc.mp.rank() == 0, (r.engine_tp or cfg.student.parallel.tp) if r.engine == "sglang" else 1
+    hf_dir, bucket_bytes = str(Path(cfg.student.path) / "hf"), r.sync_bucket_mb << 20
+    engine = weight_peer = None
+    if r.engine == "sglang":
+        from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine, WeightHandoff
+
+        group = pgc.tp if ranks > 1 else None
+        if is_leader:
+            engine = SGLangRolloutEngine(hf_dir, dtype="bfloat16" if cfg.student.dtype == "bf16" else "float32",
+                                         mem_fraction_static=r.sglang_mem_fraction, seed=cfg.train.seed,
+                                         bucket_bytes=bucket_bytes, tp_size=ranks, tp_group=group,
+                                         deterministic=r.sglang_deterministic)
+        elif group is not None and pgc.pp.rank() == 0:
+            weight_peer = WeightHandoff(bucket_bytes, group)
+    elif is_leader:
+        from megatron_gopd.rollout.hf_engine import HFRolloutEngine
+
+        engine = HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device(), max_batch_size=r.chunk_size)
+    return ColocatedRollout(engine, student, dims, bucket_bytes=bucket_bytes, engine_ranks=ranks,
+                            weight_peer=weight_peer, trainer=trainer, offload_optimizer=cfg.train.offload_optimizer)

@@ -7,13 +7,15 @@ import inspect
 import os
 import random
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_gopd.runtime import cpu_compat
+
+T = TypeVar("T")
 
 
 def device() -> torch.device:
@@ -57,6 +59,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def computed_on(group: dist.ProcessGroup, compute: Callable[[], T], *, src: int = 0) -> T:
+    """`compute()` run on rank `src` of `group` only (the replica's leader, which holds the rollout engine or the
+    answers of another role; or the last pipeline stage, which holds the loss outputs), its result shared with every
+    rank of the group as one object broadcast."""
+    box = [compute() if group.rank() == src else None]
+    if group.size() > 1:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, src), group=group)
+    return box[0]
 
 
 _GROUPLESS_COLLECTIVES = (

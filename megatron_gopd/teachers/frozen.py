@@ -8,32 +8,41 @@ from pathlib import Path
 
 import torch
 
+from megatron_gopd.batching import Batching, assemble, per_row, plan
 from megatron_gopd.checkpoint import load_model
 from megatron_gopd.models.architectures import ModelDims, padded_vocab_size
 from megatron_gopd.models.builder import DTYPES, build_model
-from megatron_gopd.models.parallel_model import MicroBatch, ParallelModel
+from megatron_gopd.models.parallel_model import ParallelModel
 from megatron_gopd.runtime.layout import RoleGroups
 
 
 class FrozenModel(ParallelModel):
-    def __init__(self, name: str, path: str, groups: RoleGroups, *, dtype: str = "fp32"):
+    def __init__(self, name: str, path: str, groups: RoleGroups, *, dtype: str = "fp32",
+                 batching: Batching = Batching(max_rows=4)):
         dims = ModelDims.from_hf(Path(path) / "hf")
         gpt = build_model(dims, groups.pgc, dtype=DTYPES[dtype])
         load_model(path, gpt, group=groups.world)
         gpt.requires_grad_(False)
         gpt.eval()
         super().__init__(gpt, dims)
-        self.name = name
+        self.name, self.batching = name, batching
         self.forward_calls = 0  # micro-batches scored
         self.samples_scored = 0
         self._offloaded = False
 
-    def score(self, micro_batches: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
-        """Per-token log-probs [b, s] of each micro-batch, as CPU tensors (see ParallelModel.token_logprobs)."""
+    def score(self, rows: list[list[int]], temperature: float) -> list[torch.Tensor]:
+        """Per-token log-probs of each row of token ids ([its length], aligned with its tokens, entry 0 is 0), as
+        CPU tensors, on every rank of the model's group: all rows in as few micro-batches as the batching allows."""
         self.onload()
-        self.forward_calls += len(micro_batches)
-        self.samples_scored += sum(mb["tokens"].shape[0] for mb in micro_batches)
-        return self.token_logprobs(micro_batches, temperature=temperature)
+        micro_batches = plan([len(r) for r in rows], self.batching).micro_batches
+        assembled = [assemble([rows[i] for i in mb], self.batching) for mb in micro_batches]
+        self.forward_calls += len(assembled)
+        self.samples_scored += len(rows)
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for indices, mb, lp in zip(micro_batches, assembled, self.token_logprobs(assembled, temperature=temperature)):
+            for i, values in zip(indices, per_row(mb, lp)):
+                out[i] = values
+        return out
 
     def offload(self) -> None:
         """On GPU, park the weights in pinned host memory between uses (a colocated model shares the GPU)."""

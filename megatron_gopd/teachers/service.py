@@ -1,162 +1,193 @@
-"""The streaming log-prob service between the student and the frozen models (teachers, reference).
+"""Scoring a step's rows with the frozen models (teachers, reference), wherever each one lives.
 
-Student side (`FrozenScorer`): each finished rollout micro-batch is split by owner (each row goes to the teacher
-of its domain, and every row to the reference when one is used). For a dedicated model, the replica's leader
-(tp=0, pp=0) sends the rows with non-blocking point-to-point ops at once and posts the receive of the answer, so
-the frozen ranks work while the student keeps generating and computes pi_old. Colocated models score on the
-student's own ranks when the results are collected.
+Student side: `Scoring` sends each finished row, once, to the models that must score it (the objective names them)
+and returns every model's per-row log-probs at the end of the step, keyed by row. Behind it, one `Scorer` per model:
+- colocated: the model shares the student's ranks and groups; it scores all of the step's rows when they are
+  collected, in as few forward passes as its batching allows;
+- dedicated: the model has ranks of its own. The replica's leader (tp=0, pp=0) sends each submission at once with
+  non-blocking point-to-point ops and posts the receive of the answer, so the frozen ranks work while the student
+  keeps generating; the answers are shared with the leader's TP x PP group;
+- server: an SGLang server, asked in background threads by the leader.
 
-Frozen side (`serve_frozen_model`): the model's leader receives requests from the student leaders assigned to
+Frozen side (`serve_frozen_model`): the model's leader receives the submissions of the student leaders assigned to
 it, in a fixed order, shares each with its TP x PP group, scores it and sends the log-probs back.
 
-Wire format, per (step, student replica, frozen model): messages of header [rows, seq, more] followed by a
-[rows, seq] int64 token tensor; a header with more=0 and rows=0 ends the step; rows=-1 ends the run.
+Wire format, per (step, student replica, frozen model): a header [rows, tokens, more], then the rows' lengths
+(int64 [rows]) and their token ids end to end (int64 [tokens]); the answer is float32 [tokens], each row's
+log-probs aligned with its tokens. A header with more=0 ends the step; rows=-1 ends the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
+from megatron_gopd.runtime.distributed import computed_on
 from megatron_gopd.runtime.layout import RoleGroups, RoleLayout
 from megatron_gopd.teachers.frozen import FrozenModel
 from megatron_gopd.teachers.sglang_http import SGLangHTTPModel
 
 _END_STEP, _END_RUN = (0, 0, 0), (-1, 0, 0)
+Rows = dict[int, list[int]]  # row id (its index in the replica's step) -> token ids, prompt and response
 
 
 class ExchangeTimeoutError(RuntimeError):
     pass
 
 
+class Scorer(Protocol):
+    def submit(self, rows: Rows) -> None:
+        """Queues rows for scoring (every student rank calls it with the same rows)."""
+
+    def collect(self) -> dict[int, torch.Tensor]:
+        """The log-probs of every row submitted since the last collect ([its length], aligned with its tokens),
+        on every student rank."""
+
+    def shutdown(self) -> None: ...
+
+
+class Scoring:
+    """The student's side of every frozen model it uses: routes rows, collects scores."""
+
+    def __init__(self, scorers: dict[str, Scorer]):
+        self.scorers = scorers
+
+    def submit(self, rows: dict[int, tuple[list[int], list[str]]]) -> None:
+        """`rows`: row id -> (token ids, the names of the models that must score it)."""
+        for name, scorer in self.scorers.items():
+            mine = {row: tokens for row, (tokens, names) in rows.items() if name in names}
+            if mine:
+                scorer.submit(mine)
+
+    def collect(self) -> dict[str, dict[int, torch.Tensor]]:
+        """model name -> row id -> log-probs, for every row submitted this step."""
+        return {name: scorer.collect() for name, scorer in self.scorers.items()}
+
+    def shutdown(self) -> None:
+        for scorer in self.scorers.values():
+            scorer.shutdown()
+
+
+class ColocatedScorer:
+    def __init__(self, model: FrozenModel, *, temperature: float):
+        self.model, self.temperature = model, temperature
+        self._pending: Rows = {}
+
+    def submit(self, rows: Rows) -> None:
+        self._pending.update(rows)
+
+    def collect(self) -> dict[int, torch.Tensor]:
+        rows, self._pending = self._pending, {}
+        scores = self.model.score(list(rows.values()), self.temperature) if rows else []
+        self.model.offload()  # on GPU, parked in host memory until the next step needs it
+        return dict(zip(rows, scores))
+
+    def shutdown(self) -> None:
+        pass
+
+
 @dataclass
-class _Pending:
-    """One submitted micro-batch for one model: where its rows came from, and its answer when it comes."""
-
-    rows: list[int]  # row indices within the submitted micro-batch
-    tokens: torch.Tensor
-    result: torch.Tensor | None = None
-    works: list = field(default_factory=list)
-    header: torch.Tensor | None = None  # gloo sends from this memory until the work completes
-    future: object = None  # an SGLang server's answer
+class _Submission:
+    rows: list[int]
+    lengths: list[int]
+    answer: torch.Tensor
+    works: list
+    message: list[torch.Tensor]  # gloo sends from this memory until the works complete
 
 
-class FrozenScorer:
-    """Student side. Call `submit` for every rollout micro-batch (on every student rank, with the same
-    arguments), then `collect` once per step."""
-
-    def __init__(self, layout: RoleLayout, owners: dict[str, FrozenModel | SGLangHTTPModel | None], *,
-                 temperature: float, timeout_s: float):
-        """`owners` maps each frozen model name the student uses to its local FrozenModel (colocated), to an
-        SGLangHTTPModel (a remote server), or to None (dedicated ranks)."""
+class DedicatedScorer:
+    def __init__(self, name: str, layout: RoleLayout, *, timeout_s: float):
         pgc = layout.student.pgc
-        self.layout, self.models, self.temperature = layout, owners, temperature
+        self.name, self.groups, self.mp = name, layout.frozen[name], pgc.mp
+        self.dp_rank, self.is_leader = pgc.dp.rank(), pgc.mp.rank() == 0
+        self.peer = self.groups.leader_of_dp_replica(self.dp_rank % self.groups.shape.dp)
         self.timeout = timedelta(seconds=timeout_s)
-        self.mp, self.dp_rank = pgc.mp, pgc.dp.rank()
-        self.is_leader = pgc.mp.rank() == 0
-        self.peers = {  # dedicated models: their leader that serves this student replica
-            name: layout.frozen[name].leader_of_dp_replica(self.dp_rank % layout.frozen[name].shape.dp)
-            for name, local in owners.items() if local is None
-        }
         self.step = 0
-        self._batches: list[tuple[int, int]] = []  # (rows, seq) per submitted micro-batch
-        self._pending: dict[str, list[tuple[int, _Pending]]] = {name: [] for name in owners}
+        self._sent: list[_Submission] = []
 
-    def submit(self, tokens: torch.Tensor, owners: list[list[str]], lengths: list[int] | None = None) -> None:
-        """`tokens` [rows, seq]; `owners[i]` names every model that must score row i; `lengths[i]` is row i's
-        length without padding (default: all of it)."""
-        lengths = lengths or [tokens.shape[1]] * tokens.shape[0]
-        index = len(self._batches)
-        self._batches.append(tuple(tokens.shape))
-        for name in self.models:
-            rows = [i for i, names in enumerate(owners) if name in names]
-            if not rows:
-                continue
-            pending = _Pending(rows, tokens[rows].contiguous())
-            model = self.models[name]
-            if isinstance(model, SGLangHTTPModel):
-                if self.is_leader:
-                    pending.future = model.score_async(pending.tokens, [lengths[i] for i in rows])
-            elif name in self.peers and self.is_leader:
-                peer = self.peers[name]
-                pending.header = torch.tensor([len(rows), tokens.shape[1], 1])
-                pending.result = torch.empty(len(rows), tokens.shape[1])
-                with self._answering(name):
-                    pending.works = [dist.isend(pending.header, peer), dist.isend(pending.tokens, peer),
-                                     dist.irecv(pending.result, peer)]
-            self._pending[name].append((index, pending))
+    def submit(self, rows: Rows) -> None:
+        if not self.is_leader:
+            return
+        lengths = [len(tokens) for tokens in rows.values()]
+        message = [torch.tensor([len(rows), sum(lengths), 1]), torch.tensor(lengths),
+                   torch.tensor([t for tokens in rows.values() for t in tokens])]
+        answer = torch.empty(sum(lengths))
+        with self._answering():
+            works = [dist.isend(part, self.peer) for part in message] + [dist.irecv(answer, self.peer)]
+        self._sent.append(_Submission(list(rows), lengths, answer, works, message))
 
-    def collect(self) -> dict[str, list[torch.Tensor | None]]:
-        """Per model, per submitted micro-batch, the [rows, seq] log-probs (None for rows it did not score,
-        which hold zeros). Available on every student rank."""
-        out = {name: [torch.zeros(shape) for shape in self._batches] for name in self.models}
-        for name, local in self.models.items():
-            if isinstance(local, FrozenModel):
-                if self._pending[name]:
-                    scores = local.score([{"tokens": p.tokens} for _, p in self._pending[name]], self.temperature)
-                    for (index, p), lp in zip(self._pending[name], scores):
-                        out[name][index][p.rows] = lp
-                local.offload()
-                continue
-            if isinstance(local, SGLangHTTPModel) and self.is_leader:
-                for _, p in self._pending[name]:
-                    p.result = self._result(name, p.future)
-            elif self.is_leader:
-                with self._answering(name):
-                    works = [dist.isend(torch.tensor(_END_STEP), self.peers[name])]
-                    self._wait(works + [w for _, p in self._pending[name] for w in p.works])
-            for index, p in self._pending[name]:
-                result = p.result if self.is_leader else torch.empty(len(p.rows), p.tokens.shape[1])
-                if self.mp.size() > 1:
-                    dist.broadcast(result, src=dist.get_global_rank(self.mp, 0), group=self.mp)
-                out[name][index][p.rows] = result
-        self._batches.clear()
-        self._pending = {name: [] for name in self.models}
+    def collect(self) -> dict[int, torch.Tensor]:
+        def answers() -> dict[int, torch.Tensor]:
+            end = torch.tensor(_END_STEP)
+            with self._answering():
+                self._wait([dist.isend(end, self.peer)] + [w for sent in self._sent for w in sent.works])
+            return {row: lp for sent in self._sent for row, lp in zip(sent.rows, sent.answer.split(sent.lengths))}
+
+        scores = computed_on(self.mp, answers)
+        self._sent.clear()
         self.step += 1
-        return out
-
-    def _result(self, name: str, future) -> torch.Tensor:
-        try:
-            return future.result(timeout=self.timeout.total_seconds())
-        except Exception as e:
-            raise ExchangeTimeoutError(
-                f"sglang model {name!r} ({self.models[name].url}) did not answer student replica {self.dp_rank} "
-                f"within {self.timeout.total_seconds():.0f}s at step {self.step}: {type(e).__name__}: {e}"
-            ) from e
+        return scores
 
     def _wait(self, works: list) -> None:
-        """Waits for all of a model's exchanges under ONE deadline (not one timeout per message)."""
+        """Waits for all of the step's exchanges under ONE deadline (not one timeout per message)."""
         deadline = time.monotonic() + self.timeout.total_seconds()
         for work in works:
             if not work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001))):
                 raise TimeoutError("timed out")
 
     @contextlib.contextmanager
-    def _answering(self, name: str):
-        """An exchange with a dedicated model that fails (gloo raises at once when the peer's process is gone, and
-        on timeouts) ends the run with one error naming the model, its ranks, this replica and the step."""
+    def _answering(self):
+        """An exchange that fails (gloo raises at once when the peer's process is gone, and on timeouts) ends the
+        run with one error naming the model, its ranks, this replica and the step."""
         try:
             yield
         except Exception as e:
-            groups = self.layout.frozen[name]
+            ranks = self.groups.ranks
             raise ExchangeTimeoutError(
-                f"frozen model {name!r} (ranks {groups.ranks.start}-{groups.ranks.stop - 1}) did not answer student "
-                f"replica {self.dp_rank} within {self.timeout.total_seconds():.0f}s at step {self.step}: "
+                f"frozen model {self.name!r} (ranks {ranks.start}-{ranks.stop - 1}) did not answer student replica "
+                f"{self.dp_rank} within {self.timeout.total_seconds():.0f}s at step {self.step}: "
                 f"{type(e).__name__}: {e}") from e
 
     def shutdown(self) -> None:
-        """Tells the dedicated models' servers that the run is over."""
+        """Tells the model's server that the run is over."""
         if self.is_leader:
-            for peer in self.peers.values():
-                dist.send(torch.tensor(_END_RUN), peer)
-        for model in self.models.values():
-            if isinstance(model, SGLangHTTPModel):
-                model.shutdown()
+            dist.send(torch.tensor(_END_RUN), self.peer)
+
+
+class ServerScorer:
+    def __init__(self, model: SGLangHTTPModel, layout: RoleLayout, *, timeout_s: float):
+        pgc = layout.student.pgc
+        self.model, self.mp, self.dp_rank, self.timeout_s = model, pgc.mp, pgc.dp.rank(), timeout_s
+        self.step = 0
+        self._futures: list[tuple[list[int], object]] = []
+
+    def submit(self, rows: Rows) -> None:
+        if self.mp.rank() == 0:
+            self._futures.append((list(rows), self.model.score_async(list(rows.values()))))
+
+    def collect(self) -> dict[int, torch.Tensor]:
+        scores = computed_on(self.mp, lambda: {row: lp for rows, future in self._futures
+                                               for row, lp in zip(rows, self._result(future))})
+        self._futures.clear()
+        self.step += 1
+        return scores
+
+    def _result(self, future) -> list[torch.Tensor]:
+        try:
+            return future.result(timeout=self.timeout_s)
+        except Exception as e:
+            raise ExchangeTimeoutError(
+                f"sglang model {self.model.name!r} ({self.model.url}) did not answer student replica {self.dp_rank} "
+                f"within {self.timeout_s:.0f}s at step {self.step}: {type(e).__name__}: {e}") from e
+
+    def shutdown(self) -> None:
+        self.model.shutdown()
 
 
 def student_leaders_served_by(layout: RoleLayout, groups: RoleGroups, replica: int) -> list[int]:
@@ -165,31 +196,30 @@ def student_leaders_served_by(layout: RoleLayout, groups: RoleGroups, replica: i
 
 
 def serve_frozen_model(model: FrozenModel, layout: RoleLayout, groups: RoleGroups, *, temperature: float) -> None:
-    """Frozen side: answer the student's requests until every student leader ends the run."""
-    pgc = model.pgc
-    mp, is_leader = pgc.mp, pgc.mp.rank() == 0
-    leader = dist.get_global_rank(mp, 0)
-    sources = student_leaders_served_by(layout, groups, pgc.dp.rank())
-    active = list(sources)
+    """Frozen side: answer the student's submissions until every student leader ends the run."""
+    mp = model.pgc.mp
+    is_leader = mp.rank() == 0
+    active = student_leaders_served_by(layout, groups, model.pgc.dp.rank())
 
-    def receive(shape, dtype, src):
-        t = torch.empty(shape, dtype=dtype)
+    def receive(shape, src):
+        t = torch.empty(shape, dtype=torch.long)
         if is_leader:
             dist.recv(t, src)
         if mp.size() > 1:
-            dist.broadcast(t, src=leader, group=mp)
+            dist.broadcast(t, src=dist.get_global_rank(mp, 0), group=mp)
         return t
 
     while active:
         for src in list(active):
             while True:
-                rows, seq, more = receive((3,), torch.long, src).tolist()
+                rows, total, more = receive((3,), src).tolist()
                 if rows == -1:
                     active.remove(src)
                     break
                 if not more:
                     break
-                tokens = receive((rows, seq), torch.long, src)
-                lp = model.score([{"tokens": tokens}], temperature)[0]
+                lengths = receive((rows,), src).tolist()
+                tokens = receive((total,), src).split(lengths)
+                scores = model.score([t.tolist() for t in tokens], temperature)
                 if is_leader:  # score returns CPU tensors: the wire is gloo's
-                    dist.send(lp.contiguous(), src)
+                    dist.send(torch.cat(scores).float().contiguous(), src)

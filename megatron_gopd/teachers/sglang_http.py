@@ -35,13 +35,13 @@ def build_request(rows: list[list[int]]) -> dict:
     }
 
 
-def parse_response(response: list[dict] | dict, lengths: list[int], seq: int) -> torch.Tensor:
-    """-> [rows, seq] log-probs aligned with the tokens (entry 0, which sglang reports as null, is 0; any other
-    null is NaN). Raises ValueError on a reply of the wrong shape."""
+def parse_response(response: list[dict] | dict, lengths: list[int]) -> list[torch.Tensor]:
+    """-> each row's log-probs [its length], aligned with its tokens (entry 0, which sglang reports as null, is 0;
+    any other null is NaN). Raises ValueError on a reply of the wrong shape."""
     outputs = response if isinstance(response, list) else [response]
     if len(outputs) != len(lengths):
         raise ValueError(f"sglang returned {len(outputs)} results for {len(lengths)} sequences")
-    out = torch.zeros(len(lengths), seq)
+    out = []
     for i, (result, length) in enumerate(zip(outputs, lengths)):
         try:
             entries = result["meta_info"]["input_token_logprobs"]
@@ -49,8 +49,7 @@ def parse_response(response: list[dict] | dict, lengths: list[int], seq: int) ->
             raise ValueError(f"sglang result {i} has no meta_info.input_token_logprobs") from None
         if len(entries) != length:
             raise ValueError(f"sglang returned {len(entries)} input log-probs for a sequence of {length} tokens")
-        values = [0.0] + [math.nan if e[0] is None else float(e[0]) for e in entries[1:]]
-        out[i, :length] = torch.tensor(values)
+        out.append(torch.tensor([0.0] + [math.nan if e[0] is None else float(e[0]) for e in entries[1:]]))
     return out
 
 
@@ -59,20 +58,20 @@ def backoff_delays(retries: int) -> list[float]:
 
 
 class SGLangHTTPModel:
-    """Scores micro-batches on a remote SGLang server in background threads, so requests overlap the student."""
+    """Scores rows of token ids on a remote SGLang server in background threads, so requests overlap the student."""
 
     def __init__(self, name: str, url: str, *, timeout_s: float, retries: int = 3, workers: int = 4):
         self.name, self.url, self.timeout_s, self.retries = name, url.rstrip("/"), timeout_s, retries
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sglang-{name}")
         self.forward_calls = self.samples_scored = 0
 
-    def score_async(self, tokens: torch.Tensor, lengths: list[int]) -> Future:
-        rows = [tokens[i, :n].tolist() for i, n in enumerate(lengths)]
+    def score_async(self, rows: list[list[int]]) -> Future:
+        """A future of each row's log-probs (see parse_response)."""
         self.forward_calls += 1
         self.samples_scored += len(rows)
-        return self._pool.submit(self._post, rows, lengths, tokens.shape[1])
+        return self._pool.submit(self._post, rows)
 
-    def _post(self, rows: list[list[int]], lengths: list[int], seq: int) -> torch.Tensor:
+    def _post(self, rows: list[list[int]]) -> list[torch.Tensor]:
         delays = backoff_delays(self.retries)
         # every attempt and every pause fit in timeout_s, the time the scorer waits for the answer
         attempt_timeout = max((self.timeout_s - sum(delays)) / (self.retries + 1), 1.0)
@@ -82,7 +81,7 @@ class SGLangHTTPModel:
                                              headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=attempt_timeout) as reply:
-                    return parse_response(json.loads(reply.read()), lengths, seq)
+                    return parse_response(json.loads(reply.read()), [len(r) for r in rows])
             except urllib.error.HTTPError as e:
                 status = f"HTTP {e.code} {e.reason}"
                 if e.code < 500:

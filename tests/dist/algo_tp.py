@@ -10,7 +10,8 @@ import json
 import torch
 import torch.distributed as dist
 
-from megatron_gopd.algo import Stat, full_vocab_gopd_kl, reduce_metrics, token_logprobs_and_entropy
+from megatron_gopd.algo.logprobs import full_vocab_gopd_kl, token_logprobs_and_entropy
+from megatron_gopd.metrics import Stat, reduce_metrics
 
 B, S, PADDED = 3, 11, 256
 CHUNK = 4  # 33 tokens: 8 full chunks and a remainder

@@ -68,7 +68,7 @@ def forward_backward(m: ParallelModel, micro_batch: dict, weight_key: str) -> tu
     def loss_fn(mb, lp, ent, logits):
         return (lp * mb[weight_key]).sum(), {"lp": lp.detach(), "logits": logits.detach()}
 
-    outputs = m.run([micro_batch], loss_fn, temperature=1.0, forward_only=False, with_entropy=False)
+    outputs = m.forward_backward([micro_batch], loss_fn, temperature=1.0, forward_only=False, with_entropy=False)
     out = outputs[0] if outputs else {"lp": torch.zeros(0), "logits": torch.zeros(0)}
     grads = {n: p.grad.clone() for n, p in m.gpt.named_parameters()}
     return out["lp"], out["logits"], grads

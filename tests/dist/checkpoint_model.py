@@ -49,7 +49,7 @@ def main():
             full = gather_from_tensor_model_parallel_region(logits, group=tp)[..., : dims.vocab_size]
             return lp.new_zeros(()), {"logits": full.detach().clone()}
 
-        out = ParallelModel(gpt, dims).run([{"tokens": tokens}], keep, temperature=1.0, forward_only=True,
+        out = ParallelModel(gpt, dims).forward_backward([{"tokens": tokens}], keep, temperature=1.0, forward_only=True,
                                            with_entropy=False)
         return out[0]["logits"] if out else None
 

@@ -47,7 +47,7 @@ def main():
     from megatron_gopd import checkpoint
     from megatron_gopd.models.architectures import ModelDims
     from megatron_gopd.models.builder import HFWeights, build_model, load_hf_weights
-    from megatron_gopd.models.parallel_model import OptimConfig, TrainableModel
+    from megatron_gopd.models.parallel_model import LRSchedule, TrainableModel, adam
     from megatron_gopd.runtime.layout import ParallelShape, build_layout
     from tests.tiny import tiny_hf_model
 
@@ -64,8 +64,8 @@ def main():
     gpt = build_model(dims, pgc, seed=11 if first else 99)
     if first:
         load_hf_weights(gpt, dims, HFWeights(hf.state_dict()))
-    optim = OptimConfig(lr=1e-3, warmup_steps=2, decay_style="cosine", weight_decay=0.01, clip_grad=1.0)
-    trainable = TrainableModel(gpt, dims, optim, group, total_steps=10)
+    trainable = TrainableModel(gpt, dims, adam(1e-3, weight_decay=0.01, clip_grad=1.0), group,
+                               LRSchedule(warmup_steps=2, decay_steps=10, decay_style="cosine"))
     seed_everything(1000 + rank if first else 7 + rank)  # the second job must not get these streams by luck
     MB, SEQ = 2, 12
     global_tokens = MB * world * (SEQ - 1)

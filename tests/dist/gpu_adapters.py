@@ -167,7 +167,7 @@ plain = model.token_logprobs([{"tokens": tokens}])[0]
 unpadded = parallel_model.fp8_padded_length
 parallel_model.fp8_padded_length = lambda seq, config: -(-seq // 16) * 16  # as TE's FP8 needs it
 seen = []
-padded_out = model.run([{"tokens": tokens, "response_mask": torch.ones(2, 13)}],
+padded_out = model.forward_backward([{"tokens": tokens, "response_mask": torch.ones(2, 13)}],
                        lambda mb, lp, ent, logits: (lp.new_zeros(()), seen.append(mb["response_mask"].shape) or {}),
                        temperature=1.0, forward_only=True)
 padded = model.token_logprobs([{"tokens": tokens}])[0]

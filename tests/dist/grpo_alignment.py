@@ -25,7 +25,7 @@ import yaml
 from megatron_gopd.config import load_config
 from megatron_gopd.eval.verifiers import exact_match
 from megatron_gopd.runtime.distributed import init_distributed, seed_everything
-from megatron_gopd.session import build_run
+from megatron_gopd.session import build_session, check_run
 from megatron_gopd.trainer import Trainer
 
 parser = argparse.ArgumentParser()
@@ -52,10 +52,11 @@ if os.environ.get("RANK", "0") == "0":
     config_path.write_text(yaml.safe_dump(cfg))
 init_distributed()
 dist.barrier()
-config = load_config(config_path, [], world_size=dist.get_world_size())
+config = load_config(config_path)
+check_run(config, dist.get_world_size())
 seed_everything(config.train.seed)
 
-run = build_run(config)
+run = build_session(config)
 trainer = Trainer(run)
 run.rollout.sync_weights()
 dp = run.student.pgc.dp
@@ -70,41 +71,42 @@ def global_sum(x: float) -> float:
 # Draw steps until one has a group with mixed rewards (a non-zero gradient); the update below is then Adam's first.
 for step in range(10):
     data = trainer.rollout(step)
-    trainer.add_old_logprobs(data)
-    trainer.add_frozen_logprobs(data)
-    trainer.add_advantages(data)
-    rows, rewards, prompt_lens, response_lens = [], [], set(), set()
-    g = 0
-    for j, mb in enumerate(data.micro_batches):
-        for i in range(mb["tokens"].shape[0]):
-            item, response = data.items[g], data.responses[g]
-            tokens, mask = mb["tokens"][i], mb["response_mask"][i].bool()
+    trainer.add_scores(data)
+    trainer.prepare(data)
+    rows, rewards, prompt_lens, response_lens, adv_error = {}, {}, set(), set(), 0.0
+    for j, (indices, mb) in enumerate(zip(data.plan.micro_batches, data.micro_batches)):
+        for k, row in enumerate(indices):
+            item, response = data.items[row], data.samples[row].response_ids
+            tokens, mask = mb["tokens"][k], mb["response_mask"][k].bool()
             start, end = len(item.prompt_ids), len(item.prompt_ids) + len(response)
-            assert tokens[:start].tolist() == item.prompt_ids, f"row {g}: not its prompt"
-            assert mask.nonzero().view(-1).tolist() == list(range(start, end)), f"row {g}: mask off its response"
-            assert tokens[mask].tolist() == response, f"row {g}: not its response"
-            assert (tokens[end:] == run.pad_id).all(), f"row {g}: not padding after the response"
+            assert tokens[:start].tolist() == item.prompt_ids, f"row {row}: not its prompt"
+            assert mask.nonzero().view(-1).tolist() == list(range(start, end)), f"row {row}: mask off its response"
+            assert torch.equal(mb["loss_mask"][k], mb["response_mask"][k]), f"row {row}: loss off its response"
+            assert tokens[mask].tolist() == response, f"row {row}: not its response"
+            assert (tokens[end:] == run.pad_id).all(), f"row {row}: not padding after the response"
             text = run.tokenizer.decode(tokens[mask].tolist(), skip_special_tokens=True)
-            rewards.append(float(exact_match(text, item.answer).correct))
-            rows.append((j, i))
+            rewards[row] = float(exact_match(text, item.answer).correct)
+            rows[row] = (j, k)
             prompt_lens.add(start)
             response_lens.add(end - start)
-            g += 1
-    assert g == len(data.items)
+    g = len(rows)
+    assert sorted(rows) == list(range(len(data.items)))
     for first in range(0, g, N_SAMPLES):
         assert len({data.items[x].uid for x in range(first, first + N_SAMPLES)}) == 1, "a group mixes prompts"
-    groups = torch.tensor(rewards, dtype=torch.float64).view(-1, N_SAMPLES)
+    groups = torch.tensor([rewards[x] for x in range(g)], dtype=torch.float64).view(-1, N_SAMPLES)
     expected = ((groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True, unbiased=False) + 1e-6))
     expected = expected.view(-1)
-    adv_error = max((data.micro_batches[j]["advantages"][i] - data.micro_batches[j]["response_mask"][i]
-                     * float(expected[x])).abs().max().item() for x, (j, i) in enumerate(rows))
+    adv_error = max(abs(float(data.micro_batches[j]["advantage"][k]) - float(expected[x]))
+                    for x, (j, k) in rows.items())
     if global_sum(float(expected.abs().sum())) > 0:
         break
 else:
     raise AssertionError("no step with a non-zero advantage in 10 draws")
 
 model = run.rollout.engine.model  # the HF copy of the student's current weights (tp = pp = 1)
-sequences = global_sum(sum(1 for j, i in rows if data.micro_batches[j]["response_mask"][i].any()))
+sequences = global_sum(sum(1 for j, k in rows.values() if data.micro_batches[j]["response_mask"][k].any()))
+# pi_old: the policy before the update (the update's own forward, which the trainer uses, computes the same)
+old = run.student.token_logprobs(data.micro_batches, temperature=config.rollout.temperature)
 
 
 def surrogate(advantages: list[float], grad: bool) -> float:
@@ -118,8 +120,8 @@ def surrogate(advantages: list[float], grad: bool) -> float:
             lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, mb["tokens"][:, 1:, None]).squeeze(-1)
             lp = torch.cat([lp.new_zeros(lp.shape[0], 1), lp], 1)
             mask = mb["response_mask"].bool()
-            weight = (mb["old_lp"] - mb["rollout_lp"]).exp().clamp(max=TIS_CAP)
-            adv = torch.tensor([advantages[x] for x, (jj, _) in enumerate(rows) if jj == j], dtype=torch.float32)
+            weight = (old[j] - mb["rollout_lp"]).exp().clamp(max=TIS_CAP)
+            adv = torch.tensor([advantages[x] for x in data.plan.micro_batches[j]], dtype=torch.float32)
             per_token = torch.where(mask, -adv[:, None] * weight * lp, 0.0)
             loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / sequences
             if grad:
@@ -142,7 +144,7 @@ l1 = grads.abs().sum().item()
 result = {
     "step": step + 1, "rows": global_sum(g), "micro_batches": len(data.micro_batches), "dp": dp.size(),
     "prompt_lengths": sorted(prompt_lens), "response_lengths": sorted(response_lens),
-    "reward": global_sum(sum(rewards)) / global_sum(len(rewards)),
+    "reward": global_sum(sum(rewards.values())) / global_sum(len(rewards)),
     "max_advantage_error": adv_error,
     "grad_norm": metrics["grad_norm"], "reference_grad_norm": grads.norm().item(),
     # Adam's first step is lr * sign(g): the reference surrogate falls by lr * |g|_1 if both gradients agree

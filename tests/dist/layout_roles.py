@@ -34,7 +34,7 @@ for _name in ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scat
 
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import HFWeights, build_model, load_hf_weights
-from megatron_gopd.models.parallel_model import OptimConfig, ParallelModel, TrainableModel
+from megatron_gopd.models.parallel_model import ParallelModel, TrainableModel, adam
 from megatron_gopd.runtime.layout import ParallelShape, build_layout
 from tests.tiny import tiny_hf_model
 
@@ -79,7 +79,7 @@ TRACE.clear()
 gpt = build_model(dims, pgc)
 load_hf_weights(gpt, dims, HFWeights(hf.state_dict()))
 if role == "student":
-    student = TrainableModel(gpt, dims, OptimConfig(lr=1e-3), layout.student.world, total_steps=1)
+    student = TrainableModel(gpt, dims, adam(1e-3), layout.student.world)
     mine = tokens[rank:rank + 1]
     student.train_step([{"tokens": mine}], lambda mb, lp, ent, logits: (-lp.sum() / 30, {}), temperature=1.0)
 else:

@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import HFWeights, build_model, load_hf_weights
-from megatron_gopd.models.parallel_model import OptimConfig, ParallelModel, TrainableModel
+from megatron_gopd.models.parallel_model import ParallelModel, TrainableModel, adam
 from megatron_gopd.runtime.layout import ParallelShape, build_layout
 from tests.tiny import tiny_hf_model
 
@@ -54,14 +54,14 @@ for arch in args.archs.split(","):
         return lp.new_zeros(()), {"diff": (full - hf_logits).abs().max()}
 
     model = ParallelModel(gpt, dims)
-    out = model.run([{"tokens": tokens}], compare_logits, temperature=1.0, forward_only=True)
+    out = model.forward_backward([{"tokens": tokens}], compare_logits, temperature=1.0, forward_only=True)
     diff = torch.tensor(out[0]["diff"].item() if out else 0.0)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     entry = {"logits_max_diff": diff.item()}
 
     # 2. two optimizer steps on the global batch; each DP rank takes its slice, one sequence per micro-batch
     if args.train:
-        trainable = TrainableModel(gpt, dims, OptimConfig(lr=1e-3, clip_grad=1.0), layout.student.world, total_steps=2)
+        trainable = TrainableModel(gpt, dims, adam(1e-3, clip_grad=1.0), layout.student.world)
         dp_rank, per_rank = pgc.dp.rank(), GLOBAL_BATCH // dp
         mine = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         global_tokens = GLOBAL_BATCH * (SEQ - 1)

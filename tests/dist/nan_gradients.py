@@ -19,7 +19,7 @@ init_distributed()
 
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import HFWeights, build_model, load_hf_weights
-from megatron_gopd.models.parallel_model import OptimConfig, TrainableModel
+from megatron_gopd.models.parallel_model import TrainableModel, adam
 from megatron_gopd.runtime.layout import ParallelShape, build_layout
 from tests.tiny import tiny_hf_model
 
@@ -32,7 +32,7 @@ hf = tiny_hf_model("qwen3", seed=3)
 dims = ModelDims.from_hf(hf.config)
 gpt = build_model(dims, layout.student.pgc, seed=11)
 load_hf_weights(gpt, dims, HFWeights(hf.state_dict()))
-student = TrainableModel(gpt, dims, OptimConfig(lr=1e-3), layout.student.world, total_steps=4)
+student = TrainableModel(gpt, dims, adam(1e-3), layout.student.world)
 tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(dist.get_rank()))
 
 

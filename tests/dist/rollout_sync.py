@@ -20,8 +20,9 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import build_model, load_hf_weights
 from megatron_gopd.models.hf_io import HFWeights
-from megatron_gopd.models.parallel_model import OptimConfig, TrainableModel
-from megatron_gopd.rollout.base import SamplingParams, samples_to_batch
+from megatron_gopd.models.parallel_model import TrainableModel, adam
+from megatron_gopd.batching import Batching, assemble
+from megatron_gopd.rollout.base import SamplingParams
 from megatron_gopd.rollout.colocated import ColocatedRollout
 from megatron_gopd.rollout.hf_engine import HFRolloutEngine
 from megatron_gopd.runtime.layout import ParallelShape, build_layout
@@ -38,7 +39,7 @@ hf = tiny_hf_model("qwen3", seed=2)
 dims = ModelDims.from_hf(hf.config)
 gpt = build_model(dims, pgc)
 load_hf_weights(gpt, dims, HFWeights(hf.state_dict()))
-student = TrainableModel(gpt, dims, OptimConfig(lr=1e-2), layout.student.world, total_steps=1)
+student = TrainableModel(gpt, dims, adam(1e-2), layout.student.world)
 config_dir = tempfile.mkdtemp()
 hf.config.save_pretrained(config_dir)
 engine = HFRolloutEngine(config_dir) if pgc.mp.rank() == 0 else None
@@ -47,34 +48,41 @@ rollout = ColocatedRollout(engine, gpt, dims, bucket_bytes=32 << 10)
 g = torch.Generator().manual_seed(0)
 prompts = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (4, 9, 6, 11)]
 params = SamplingParams(temperature=0.8, max_new_tokens=24, seed=3)
-SEQ = 40
+
+
+def as_batch(samples):
+    """The samples as one padded micro-batch, with the engine's log-probs on the response tokens."""
+    per_token = {"response_mask": [torch.tensor([0.0] * len(s.prompt_ids) + [1.0] * len(s.response_ids))
+                                   for s in samples],
+                 "rollout_lp": [torch.tensor([0.0] * len(s.prompt_ids) + s.logprobs) for s in samples]}
+    return assemble([s.prompt_ids + s.response_ids for s in samples], Batching(len(samples)), per_token=per_token)
 
 
 def compare():
     rollout.sync_weights()
     samples = rollout.generate(prompts, params)
-    batch = samples_to_batch(samples, SEQ)
-    old = student.token_logprobs([{"tokens": batch["tokens"]}], temperature=params.temperature)[0]
+    batch = as_batch(samples)
+    old = student.token_logprobs([batch], temperature=params.temperature)[0]
     mask = batch["response_mask"].bool()
     return samples, (old - batch["rollout_lp"])[mask].abs().max().item()
 
 
 def greedy_matches_student_argmax():
     samples = rollout.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=12))
-    batch = samples_to_batch(samples, SEQ)
+    batch = as_batch(samples)
 
     def argmax(mb, lp, ent, logits):
         full = gather_from_tensor_model_parallel_region(logits, group=pgc.tp)[..., : dims.vocab_size]
         return lp.new_zeros(()), {"argmax": full.argmax(-1)}
 
-    predicted = student.run([{"tokens": batch["tokens"]}], argmax, temperature=1.0, forward_only=True)[0]["argmax"]
+    predicted = student.forward_backward([batch], argmax, temperature=1.0, forward_only=True)[0]["argmax"]
     mask = batch["response_mask"].bool()[:, 1:]
     return bool((predicted[:, :-1][mask] == batch["tokens"][:, 1:][mask]).all()) and int(mask.sum()) == 48
 
 
 before, diff_before = compare()
 greedy_ok = greedy_matches_student_argmax()
-student.train_step([{"tokens": samples_to_batch(before, SEQ)["tokens"]}],
+student.train_step([as_batch(before)],
                    lambda mb, lp, ent, logits: (-lp.sum() / 100, {}), temperature=1.0)
 after, diff_after = compare()
 if dist.get_rank() == 0:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from megatron_gopd.runtime.layout import ParallelShape, build_layout
 from megatron_gopd.teachers.frozen import FrozenModel
-from megatron_gopd.teachers.service import FrozenScorer, serve_frozen_model
+from megatron_gopd.teachers.service import ColocatedScorer, DedicatedScorer, Scoring, serve_frozen_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -46,30 +46,29 @@ report = {}
 if role != "student":
     serve_frozen_model(models[role], layout, layout.frozen[role], temperature=TEMPERATURE)
 else:
-    scorer = FrozenScorer(layout, {n: (None if n in dedicated else models[n]) for n in PATHS},
-                          temperature=TEMPERATURE, timeout_s=120)
+    scoring = Scoring({n: DedicatedScorer(n, layout, timeout_s=120) if n in dedicated
+                       else ColocatedScorer(models[n], temperature=TEMPERATURE) for n in PATHS})
     g = torch.Generator().manual_seed(0)
-    domains = [["math", "code", "math"], ["code", "code", "math", "math", "code"]]
-    batches = [torch.randint(3, 250, (len(d), 12 + 4 * i), generator=g) for i, d in enumerate(domains)]
-    for _step in range(2):
-        for tokens, doms in zip(batches, domains):
-            scorer.submit(tokens, [[d, "ref_init", "ref_base"] for d in doms])
-        got = scorer.collect()
-    scorer.shutdown()
+    domains = ["math", "code", "math", "code", "code", "math", "math", "code"]
+    rows = [torch.randint(3, 250, (12 + 2 * i,), generator=g).tolist() for i in range(len(domains))]
+    for _step in range(2):  # two submissions per step, as two finished rollout chunks
+        for chunk in (range(0, 3), range(3, 8)):
+            scoring.submit({i: (rows[i], [domains[i], "ref_init", "ref_base"]) for i in chunk})
+        got = scoring.collect()
+    scoring.shutdown()
     if dist.get_rank() == 0:
         worst = 0.0
         hf = {n: AutoModelForCausalLM.from_pretrained(f"{args.ckpts}/hf/{p}").eval() for n, p in PATHS.items()}
-        for b, (tokens, doms) in enumerate(zip(batches, domains)):
-            with torch.no_grad():
-                direct = {}
-                for name, model in hf.items():
-                    lp = torch.log_softmax(model(tokens).logits[:, :-1] / TEMPERATURE, -1)
-                    direct[name] = lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-            for i, d in enumerate(doms):
-                for name in (d, "ref_init", "ref_base"):
-                    worst = max(worst, (got[name][b][i, 1:] - direct[name][i]).abs().max().item())
-                other = "code" if d == "math" else "math"
-                assert got[other][b][i].abs().sum() == 0, "a row reached the other domain's teacher"
+        for i, (tokens, domain) in enumerate(zip(rows, domains)):
+            ids = torch.tensor([tokens])
+            for name in (domain, "ref_init", "ref_base"):
+                with torch.no_grad():
+                    lp = torch.log_softmax(hf[name](ids).logits[0, :-1] / TEMPERATURE, -1)
+                direct = lp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+                assert got[name][i][0] == 0 and len(got[name][i]) == len(tokens)
+                worst = max(worst, (got[name][i][1:] - direct).abs().max().item())
+            other = "code" if domain == "math" else "math"
+            assert i not in got[other], "a row reached the other domain's teacher"
         report.update(max_diff=worst)
 
 counts = {name: [m.forward_calls, m.samples_scored] for name, m in models.items()}

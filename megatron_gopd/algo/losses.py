@@ -1,19 +1,23 @@
-"""G-OPD advantages, the clipped policy-gradient loss the paper trains with, loss aggregation and step metrics.
+"""G-OPD advantages, the clipped policy-gradient loss the paper trains with, and loss aggregation.
 
-All per-token tensors are [batch, seq] (one row per sequence); `loss_mask` is 1 on response tokens that carry loss
-and 0 on prompt and padding tokens. Values at masked positions are never read (they may be garbage or inf).
+Per-token tensors share one shape: [rows, seq] (one row per sequence, right-padded), or [1, T] for a packed
+micro-batch, whose rows are segments of one sequence; `row_ids` (the same shape, long) then names each token's row
+(models/packing.py). `loss_mask` is 1 on response tokens that carry loss and 0 on prompt and padding tokens. Values
+at masked positions are never read (they may be garbage or inf).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
-import torch.distributed as dist
 
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+from megatron_gopd.config import Aggregation
+from megatron_gopd.metrics import Metrics, Stat
+
+AGGREGATIONS = get_args(Aggregation)
 
 
 def gopd_advantages(
@@ -63,18 +67,21 @@ class PolicyLossConfig:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
 
-def loss_denominator(loss_mask: torch.Tensor, aggregation: str) -> float:
+def loss_denominator(loss_mask: torch.Tensor, aggregation: str, row_ids: torch.Tensor | None = None) -> float:
     """The local normaliser of `aggregate_loss`: the number of loss tokens for "token-mean", else the number of
     sequences (rows) with at least one loss token. Sum it over micro-batches and DP ranks for the global one."""
     _check_aggregation(aggregation)
     mask = loss_mask.bool()
-    return float(mask.sum() if aggregation == "token-mean" else mask.any(-1).sum())
+    if aggregation == "token-mean":
+        return float(mask.sum())
+    return float((_row_sums(mask.float(), row_ids) > 0).sum())
 
 
 def aggregate_loss(
-    per_token: torch.Tensor, loss_mask: torch.Tensor, aggregation: str, denominator: float | None = None
+    per_token: torch.Tensor, loss_mask: torch.Tensor, aggregation: str, denominator: float | None = None,
+    row_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduces a [batch, seq] per-token loss to a scalar: numerator / denominator, where the numerator is
+    """Reduces a per-token loss to a scalar: numerator / denominator, where the numerator is
 
     - "token-mean": the sum of the loss over loss tokens;
     - "seq-mean-token-mean": the sum over sequences of each sequence's mean over its loss tokens (paper default);
@@ -84,21 +91,29 @@ def aggregate_loss(
     Passing the GLOBAL denominator (summed over all micro-batches and DP ranks of the step) makes the sum of the
     returned losses over micro-batches and DP ranks equal the aggregate over the whole step's batch. (A framework
     that averages over micro-batches or DP ranks must be compensated by the caller, e.g. by multiplying the loss by
-    the number of micro-batches and by the DP size.)
+    the number of micro-batches and by the DP size.) `row_ids`: the sequences of a packed micro-batch.
     """
     _check_aggregation(aggregation)
-    _check_same_shape(per_token=per_token, loss_mask=loss_mask)
+    _check_same_shape(per_token=per_token, loss_mask=loss_mask, row_ids=row_ids)
     mask = loss_mask.bool()
     masked = torch.where(mask, per_token, 0.0)  # where, not multiply: masked positions may hold inf
     if aggregation == "seq-mean-token-mean":
-        numerator = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+        numerator = (_row_sums(masked, row_ids) / _row_sums(mask.to(masked.dtype), row_ids).clamp(min=1)).sum()
     else:  # the two sums coincide; the modes differ in the denominator
         numerator = masked.sum()
     if denominator is None:
-        denominator = max(loss_denominator(mask, aggregation), 1.0)  # an empty micro-batch contributes 0
+        denominator = max(loss_denominator(mask, aggregation, row_ids), 1.0)  # an empty micro-batch contributes 0
     elif not denominator > 0:
         raise ValueError(f"denominator must be > 0, got {denominator}")
     return numerator / denominator
+
+
+def _row_sums(values: torch.Tensor, row_ids: torch.Tensor | None) -> torch.Tensor:
+    """Per-sequence sums: over the last dim of [rows, seq], or by row id (a packed micro-batch; differentiable)."""
+    if row_ids is None:
+        return values.sum(-1)
+    flat, ids = values.reshape(-1), row_ids.reshape(-1)
+    return flat.new_zeros(int(ids.max()) + 1).index_add(0, ids, flat)
 
 
 def policy_loss(
@@ -109,12 +124,14 @@ def policy_loss(
     cfg: PolicyLossConfig,
     rollout_lp: torch.Tensor | None = None,
     denominator: float | None = None,
+    row_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO clipped-ratio policy-gradient loss with a truncated importance weight, aggregated per `cfg.aggregation`.
 
     Per token: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) with r = pi_theta / pi_old, bounded by -dual_clip*A
     for A < 0 when dual clip is on, times w = min(pi_old / pi_rollout, tis_cap) (detached; needs `rollout_lp`
-    unless tis_cap is None). `denominator`: see `aggregate_loss`. Returns (scalar loss, local metric partials).
+    unless tis_cap is None). `denominator`, `row_ids`: see `aggregate_loss`. Returns (scalar loss, local metric
+    partials).
     """
     _check_same_shape(
         logprobs=logprobs, old_lp=old_lp, advantages=advantages, loss_mask=loss_mask, rollout_lp=rollout_lp
@@ -143,116 +160,7 @@ def policy_loss(
         metrics["tis/weight_mean"] = Stat.masked_mean(weight, mask)
         metrics["tis/raw_weight_max"] = Stat.masked_max(raw, mask)
         metrics["tis/clipped_frac"] = Stat.masked_mean(raw > cfg.tis_cap, mask)
-    return aggregate_loss(per_token, mask, cfg.aggregation, denominator), metrics
-
-
-@dataclass(frozen=True)
-class Stat:
-    """A metric's local partial: for op "mean", `total` is a sum over `count` items; for op "max", `total` is a
-    maximum; for op "sum", `total` is a sum (a count, or a loss share) reported as is. `count` is unused by the
-    last two. Partials merge across micro-batches and reduce exactly across ranks."""
-
-    total: torch.Tensor
-    count: torch.Tensor
-    op: Literal["mean", "max", "sum"] = "mean"
-
-    @staticmethod
-    def total_of(value: torch.Tensor | float) -> Stat:
-        value = torch.as_tensor(value).detach().double()
-        return Stat(value, torch.ones((), dtype=torch.float64, device=value.device), "sum")
-
-    @staticmethod
-    def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> Stat:
-        mask = mask.bool()
-        values = values.detach().double()
-        return Stat(torch.where(mask, values, 0.0).sum(), mask.sum().double())
-
-    @staticmethod
-    def masked_max(values: torch.Tensor, mask: torch.Tensor) -> Stat:
-        mask = mask.bool()
-        values = values.detach().double()
-        return Stat(torch.where(mask, values, -math.inf).amax(), mask.sum().double(), "max")
-
-
-Metrics = dict[str, Stat]
-
-
-def gopd_metrics(
-    loss_mask: torch.Tensor,
-    advantages: torch.Tensor,
-    teacher_lp: torch.Tensor,
-    old_lp: torch.Tensor,
-    ref_lp: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-) -> Metrics:
-    """Token-mean partials of the G-OPD quantities of one micro-batch, plus response lengths (mean and max).
-
-    gopd/reward is the lambda-free reward log pi_T - log pi_ref and gopd/kl_ref the sampled KL(pi_old || pi_ref);
-    both need `ref_lp` (absent when the trainer skipped the reference at lam == 1). gopd/kl_teacher is the sampled
-    reverse KL(pi_old || pi_T) = E[log pi_old - log pi_T], the quantity OPD minimises."""
-    _check_same_shape(
-        loss_mask=loss_mask, advantages=advantages, teacher_lp=teacher_lp, old_lp=old_lp, ref_lp=ref_lp,
-        entropy=entropy,
-    )
-    mask = loss_mask.bool()
-    metrics = {
-        "gopd/advantage": Stat.masked_mean(advantages, mask),
-        "gopd/kl_teacher": Stat.masked_mean(old_lp.float() - teacher_lp.float(), mask),
-    }
-    if ref_lp is not None:
-        metrics["gopd/reward"] = Stat.masked_mean(teacher_lp.float() - ref_lp.float(), mask)
-        metrics["gopd/kl_ref"] = Stat.masked_mean(old_lp.float() - ref_lp.float(), mask)
-    if entropy is not None:
-        metrics["actor/entropy"] = Stat.masked_mean(entropy, mask)
-    lengths, has_response = mask.sum(-1), mask.any(-1)
-    metrics["response_length/mean"] = Stat.masked_mean(lengths, has_response)
-    metrics["response_length/max"] = Stat.masked_max(lengths, has_response)
-    return metrics
-
-
-def merge_metrics(*parts: Metrics) -> Metrics:
-    """Combines partials of several micro-batches (sums add, maxima take the max); keys may differ between parts."""
-    merged: Metrics = {}
-    for part in parts:
-        for name, stat in part.items():
-            prev = merged.get(name)
-            if prev is None:
-                merged[name] = stat
-            elif stat.op == "max":
-                merged[name] = Stat(torch.maximum(prev.total, stat.total), prev.count + stat.count, "max")
-            else:
-                merged[name] = Stat(prev.total + stat.total, prev.count + stat.count, stat.op)
-    return merged
-
-
-def reduce_metrics(metrics: Metrics, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """Means (sum / count), sums and maxima over all ranks of `group`; None means this process only.
-
-    Every rank of the group must call it with the same metric names. Reduce over the data-parallel group: TP/PP
-    ranks of one replica hold copies of the same numbers. A mean over zero items, or a max over none, is nan."""
-    names = sorted(metrics)
-    means = [n for n in names if metrics[n].op == "mean"]
-    maxes = [n for n in names if metrics[n].op == "max"]
-    additive = [n for n in names if metrics[n].op == "sum"]
-    communicate = group is not None and dist.get_world_size(group) > 1
-    out: dict[str, float] = {}
-    if means:
-        sums = torch.stack([metrics[n].total for n in means] + [metrics[n].count for n in means]).double()
-        if communicate:
-            dist.all_reduce(sums, group=group)
-        totals, counts = sums.tolist()[: len(means)], sums.tolist()[len(means) :]
-        out.update({n: t / c if c > 0 else math.nan for n, t, c in zip(means, totals, counts)})
-    if additive:
-        totals = torch.stack([metrics[n].total for n in additive]).double()
-        if communicate:
-            dist.all_reduce(totals, group=group)
-        out.update(zip(additive, totals.tolist()))
-    if maxes:
-        values = torch.stack([metrics[n].total for n in maxes]).double()
-        if communicate:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
-        out.update({n: v if v > -math.inf else math.nan for n, v in zip(maxes, values.tolist())})
-    return out
+    return aggregate_loss(per_token, mask, cfg.aggregation, denominator, row_ids), metrics
 
 
 def _check_aggregation(aggregation: str) -> None:

@@ -1,4 +1,5 @@
-"""G-OPD algo: theory (tabular bandit), vocab-parallel numerics (TP=1 here, TP=2 under torchrun) and hand cases."""
+"""The losses and their numerics: G-OPD theory (tabular bandit), vocab-parallel log-probs / entropy / KL (TP=1 here,
+TP=2 under torchrun), the policy loss and its aggregation, and an objective's loss and metrics by hand."""
 
 from __future__ import annotations
 
@@ -7,19 +8,9 @@ import math
 import pytest
 import torch
 
-from megatron_gopd.algo import (
-    PolicyLossConfig,
-    Stat,
-    aggregate_loss,
-    full_vocab_gopd_kl,
-    gopd_advantages,
-    gopd_metrics,
-    loss_denominator,
-    merge_metrics,
-    policy_loss,
-    reduce_metrics,
-    token_logprobs_and_entropy,
-)
+from megatron_gopd.algo.logprobs import full_vocab_gopd_kl, token_logprobs_and_entropy
+from megatron_gopd.algo.losses import PolicyLossConfig, aggregate_loss, gopd_advantages, loss_denominator, policy_loss
+from megatron_gopd.metrics import Stat, merge_metrics, reduce_metrics, response_metrics
 from tests.conftest import run_torchrun
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,23 +260,46 @@ def test_policy_loss_ignores_garbage_at_masked_positions():
     assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 0] == 0 and logprobs.grad[1, 1] == 0
 
 
-def test_gopd_metrics_by_hand():
-    mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
+def test_gopd_objective_loss_and_metrics_by_hand():
+    """G-OPD's loss of one micro-batch of two rows (math's, then code's), pi_old = the update's own forward."""
+    from megatron_gopd.algo.objectives import GOPD
+    from megatron_gopd.batching import Batching, assemble
+    from megatron_gopd.config import AlgoConfig, RunConfig, TeacherConfig
+
+    cfg = RunConfig(teachers=[TeacherConfig(name="math", path="m", domains=["math"]),
+                              TeacherConfig(name="code", path="c", domains=["code"])],
+                    algo=AlgoConfig(lam=1.25, tis_cap=None, aggregation="token-mean"))
+    objective = GOPD(cfg, parts=None)
+    mask = torch.tensor([[0.0, 1, 1], [1, 0, 0]])
     teacher = torch.tensor([[0.0, -1.0, -2.0], [-3.0, 0.0, 0.0]])
     old = torch.tensor([[0.0, -2.0, -1.0], [-1.0, 0.0, 0.0]])
     ref = torch.tensor([[0.0, -4.0, -4.0], [-4.0, 0.0, 0.0]])
     entropy = torch.tensor([[9.0, 1.0, 2.0], [3.0, 9.0, 9.0]])
+    mb = assemble([[5, 6, 7], [8, 9, 10]], Batching(2), per_token={
+        "loss_mask": list(mask), "teacher_lp": list(teacher), "ref_lp": list(ref), "rollout_lp": list(old)})
+    mb["teacher_index"] = torch.tensor([0, 1])
+    lp = old.clone().requires_grad_(True)
+    loss, metrics = objective.loss(mb, lp, entropy, None, denominator=3.0)
+    m = reduce_metrics(metrics)
     adv = gopd_advantages(teacher, old, ref, 1.25)
-    first = gopd_metrics(mask, adv, teacher, old, ref, entropy)
-    second = gopd_metrics(torch.ones(1, 3), adv[:1], teacher[:1], old[:1], None, None)
-    m = reduce_metrics(first)
+    assert loss.item() == pytest.approx(-adv[mask.bool()].sum().item() / 3)  # ratio 1: -A summed over 3 tokens
+    loss.backward()
+    assert torch.allclose(lp.grad, -adv * mask / 3)
     assert m["gopd/reward"] == pytest.approx((3 + 2 + 1) / 3)  # T - R on the 3 loss tokens
     assert m["gopd/kl_teacher"] == pytest.approx((-1 + 1 + 2) / 3)  # O - T
     assert m["gopd/kl_ref"] == pytest.approx((2 + 3 + 3) / 3)  # O - R
     assert m["gopd/advantage"] == pytest.approx(adv[mask.bool()].mean().item())
     assert m["actor/entropy"] == pytest.approx(2.0)
-    assert m["response_length/mean"] == pytest.approx(1.5) and m["response_length/max"] == 2
+    assert (m["teacher/math/kl"], m["teacher/code/kl"]) == pytest.approx(((-1 + 1) / 2, 2.0))
+    assert (m["teacher/math/samples"], m["teacher/code/samples"]) == (1, 1)
+    assert m["mismatch/abs_max"] == 0.0
+
+
+def test_response_metrics_merge_across_micro_batches_and_ranks():
+    first, second = response_metrics([2, 1], ["length", "stop"]), response_metrics([3], ["stop"])
+    m = reduce_metrics(first)
+    assert m["rollout/response_length"] == pytest.approx(1.5) and m["rollout/response_length_max"] == 2
+    assert m["rollout/truncated_frac"] == pytest.approx(0.5)
     merged = reduce_metrics(merge_metrics(first, second))
-    assert merged["response_length/mean"] == pytest.approx((2 + 1 + 3) / 3) and merged["response_length/max"] == 3
-    assert merged["gopd/reward"] == m["gopd/reward"]  # `second` had no reference: only `first` counts
+    assert merged["rollout/response_length"] == pytest.approx(2.0) and merged["rollout/response_length_max"] == 3
     assert math.isnan(reduce_metrics({"empty": Stat.masked_mean(torch.ones(2), torch.zeros(2))})["empty"])
