@@ -50,5 +50,6 @@ def test_fp8_padding_keeps_the_log_probs(result):
 
 def test_model_checkpoints_load_across_the_local_and_te_layer_specs(result):
     specs = result["specs"]
-    assert specs["te_like_has_extra_state"]
+    assert specs["te_like_has_extra_state"] == ["final_layernorm", "k_layernorm", "linear_fc1", "linear_fc2",
+                                                "linear_proj", "linear_qkv", "q_layernorm"]
     assert specs["local_into_te"] == 0.0 and specs["te_into_local"] == 0.0

@@ -7,7 +7,7 @@
    the replica see the same (row, sample) stream.
 3. FP8 token padding in ParallelModel.run (forced on CPU): log-probs equal the unpadded ones.
 4. Model checkpoints across layer specs: a checkpoint without Transformer Engine's `_extra_state` entries loads
-   into a model that has them (linear layers given TE-like extra state), and the other way round.
+   into a model that has them (its norms then ask for keys the checkpoint lacks), and the other way round.
 """
 
 import argparse
@@ -187,7 +187,9 @@ dist.barrier()
 
 
 class TELikeState:
-    """What TE's linear layers add to a state dict: `_extra_state`, opaque bytes (FP8 scales, amax history)."""
+    """What Transformer Engine's modules add to a state dict: `_extra_state`, opaque bytes (FP8 scales, amax
+    history). megatron's local linear layers already write an empty one under the same key, for compatibility;
+    its local norms write none, where TE's norms (q/k layernorm, the final layernorm) do."""
 
     def get_extra_state(self):
         return torch.tensor([7, 7, 7], dtype=torch.uint8)
@@ -196,22 +198,13 @@ class TELikeState:
         self.extra_state_loaded = state
 
 
-class TELikeColumn(TELikeState, tp_layers.ColumnParallelLinear):
-    pass
-
-
-class TELikeRow(TELikeState, tp_layers.RowParallelLinear):
-    pass
-
-
 def te_like(model):
-    """The decoder's linear layers carrying extra state, as the TE spec's do (the output layer stays a plain
+    """The model's decoder modules carrying extra state as the TE spec's do (the output layer stays a plain
     ColumnParallelLinear in both specs)."""
-    for module in model.decoder.modules():
-        if type(module) is tp_layers.ColumnParallelLinear:
-            module.__class__ = TELikeColumn
-        elif type(module) is tp_layers.RowParallelLinear:
-            module.__class__ = TELikeRow
+    for name, module in model.decoder.named_modules():
+        if isinstance(module, (tp_layers.ColumnParallelLinear, tp_layers.RowParallelLinear)) or name.endswith(
+                ("q_layernorm", "k_layernorm", "final_layernorm")):
+            module.__class__ = type(f"TELike{type(module).__name__}", (TELikeState, type(module)), {})
     return model
 
 
@@ -222,7 +215,8 @@ def logits(model_gpt):
 reference = logits(gpt)
 checkpoint.save_model(work / "local", gpt, hf_dir=hf_dir, group=layout.student.world)
 te_model = te_like(build_model(dims, pgc, seed=99))
-has_extra = any(k.endswith("_extra_state") for k in te_model.state_dict())
+has_extra = sorted({k.split(".")[-2] for k in te_model.state_dict()
+                    if k.startswith("decoder.") and k.endswith("_extra_state")})
 checkpoint.load_model(work / "local", te_model, group=layout.student.world)
 local_into_te = (logits(te_model) - reference).abs().max().item()
 checkpoint.save_model(work / "te", te_model, hf_dir=hf_dir, group=layout.student.world)
