@@ -49,7 +49,7 @@ def _setup(tokens: int, vocab: int, dtype_name: str):
     """Inputs, filled in slabs so that building them leaves no transient larger than a slab; and the two ops."""
     import torch
 
-    from megatron_gopd.algo import token_logprobs_and_entropy
+    from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.empty(tokens, vocab, dtype=getattr(torch, dtype_name))

@@ -2,9 +2,9 @@
 
 1. Teacher scaling: teacher compute per step with 1, 2 and 4 domain teachers, routed against all-score.
 
-One step = MICRO_BATCHES rollout micro-batches of ROWS samples (SEQ tokens each), whose domains are spread evenly
-over the K teachers. Both modes drive the real `FrozenScorer` (submit each micro-batch, then collect) with K
-colocated `FrozenModel` teachers on a world-1 student layout:
+One step = MICRO_BATCHES rollout chunks of ROWS samples (SEQ tokens each), whose domains are spread evenly over the
+K teachers. Both modes drive the real `Scoring` (submit each chunk, then collect) with K colocated teachers
+(`ColocatedScorer` over a `FrozenModel` scoring ROWS rows per forward) on a world-1 student layout:
 - routed (ours): owners = [[teacher of the row's domain]]: each sample is scored once, by its own teacher;
 - all-score (the paper's reference code): owners = [[every teacher]]: every teacher scores every sample.
 Reported per step: teacher seconds (submit + collect; the process's CPU seconds, one thread, with the wall time
@@ -59,32 +59,37 @@ def _worker(size: str) -> dict:
     from megatron_gopd.runtime.distributed import init_distributed
 
     init_distributed()
+    from megatron_gopd.batching import Batching
     from megatron_gopd.runtime.layout import ParallelShape, build_layout
     from megatron_gopd.teachers.frozen import FrozenModel
-    from megatron_gopd.teachers.service import FrozenScorer
+    from megatron_gopd.teachers.service import ColocatedScorer, Scoring
 
     root = checkpoints()
     names = [f"teacher{i}" for i in range(max(TEACHER_COUNTS))]
     layout = build_layout(ParallelShape(), {n: (ParallelShape(), False) for n in names})
-    models = {n: FrozenModel(n, str(root / "teacher_big"), layout.frozen[n]) for n in names}
+    models = {n: FrozenModel(n, str(root / "teacher_big"), layout.frozen[n], batching=Batching(ROWS))
+              for n in names}
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(3, 250, (ROWS, SEQ), generator=g) for _ in range(MICRO_BATCHES)]
+    rows = [torch.randint(3, 250, (SEQ,), generator=g).tolist() for _ in range(MICRO_BATCHES * ROWS)]
 
     def step(k: int, mode: str) -> dict:
         teachers = names[:k]
-        scorer = FrozenScorer(layout, {n: models[n] for n in teachers}, temperature=1.0, timeout_s=600)
+        scoring = Scoring({n: ColocatedScorer(models[n], temperature=1.0) for n in teachers})
         before = {n: (models[n].forward_calls, models[n].samples_scored) for n in teachers}
         scores = {}
 
         def score() -> None:
-            for j, tokens in enumerate(batches):
-                domains = [(j * ROWS + i) % k for i in range(ROWS)]  # an even spread of domains over the teachers
-                owners = [[teachers[d]] for d in domains] if mode == "routed" else [teachers] * ROWS
-                scorer.submit(tokens, owners)
-            scores.update(scorer.collect())
+            for chunk in range(MICRO_BATCHES):  # the rollout's finished chunks, submitted as they come
+                submission = {}
+                for i in range(chunk * ROWS, (chunk + 1) * ROWS):
+                    domain = i % k  # an even spread of domains over the teachers
+                    submission[i] = (rows[i], [teachers[domain]] if mode == "routed" else teachers)
+                scoring.submit(submission)
+            scores.update(scoring.collect())
 
         clocks = timed(score)
-        assert all(len(scores[n]) == MICRO_BATCHES for n in teachers)
+        assert all(len(scores[n]) == (MICRO_BATCHES * ROWS if mode == "all" else sum(
+            i % k == teachers.index(n) for i in range(MICRO_BATCHES * ROWS))) for n in teachers)
         return {**clocks,
                 "forward_calls": sum(models[n].forward_calls - before[n][0] for n in teachers),
                 "samples_scored": sum(models[n].samples_scored - before[n][1] for n in teachers)}
@@ -177,8 +182,8 @@ def notes(result: dict) -> str:
             f"micro-batch.** The work is flat (samples scored {'/'.join(map(str, result['samples_scored']['routed']))})"
             f" but routing splits each micro-batch by teacher: {by[('routed', top)]['forward_calls']} forwards of "
             f"{ROWS // top} rows instead of {by[('routed', 1)]['forward_calls']} of {ROWS}, each with a fixed cost "
-            f"(megatron's schedule and per-layer Python on CPU). *Would close it:* FrozenScorer.collect scoring a "
-            f"colocated teacher's pending rows of the whole step in one forward; larger micro-batches.")
+            f"(megatron's schedule and per-layer Python on CPU). *Would close it:* larger micro-batches (a token budget, "
+            f"train.max_tokens_per_micro_batch) so that each teacher's rows of the step fill fewer forwards.")
 
 
 def overlap_notes(result: dict) -> str:

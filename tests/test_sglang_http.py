@@ -69,25 +69,21 @@ def quick_backoff(monkeypatch):
     monkeypatch.setattr(sglang_http, "BACKOFF_FIRST_S", 0.01)
 
 
-def expected_logprobs(model, tokens, lengths):
+def expected_logprobs(model, rows):
     with torch.no_grad():
-        return [torch.log_softmax(model(tokens[i:i + 1, :n]).logits[0, :-1], -1).gather(
-            -1, tokens[i, 1:n, None]).squeeze(-1) for i, n in enumerate(lengths)]
+        return [torch.log_softmax(model(torch.tensor([r])).logits[0, :-1], -1).gather(
+            -1, torch.tensor(r[1:])[:, None]).squeeze(-1) for r in rows]
 
 
-def test_remote_logprobs_match_the_model_and_skip_padding(stand_in_server):
+def test_remote_logprobs_match_the_model(stand_in_server):
     url, model, requests, _ = stand_in_server
     client = SGLangHTTPModel("big", url, timeout_s=30)
-    tokens = torch.tensor([[5, 9, 11, 13, 0, 0], [7, 8, 9, 10, 11, 12]])
-    got = client.score_async(tokens, [4, 6]).result(timeout=60)
-    assert requests[-1]["input_ids"] == [[5, 9, 11, 13], [7, 8, 9, 10, 11, 12]]  # padding never sent
+    rows = [[5, 9, 11, 13], [7, 8, 9, 10, 11, 12]]
+    got = client.score_async(rows).result(timeout=60)
+    assert requests[-1]["input_ids"] == rows
     assert requests[-1]["sampling_params"]["max_new_tokens"] == 0 and requests[-1]["return_logprob"]
-    with torch.no_grad():
-        for i, n in enumerate([4, 6]):
-            lp = torch.log_softmax(model(tokens[i:i + 1, :n]).logits[0, :-1], -1)
-            expected = lp.gather(-1, tokens[i, 1:n, None]).squeeze(-1)
-            assert torch.allclose(got[i, 1:n], expected, atol=1e-6)
-            assert got[i, 0] == 0 and (got[i, n:] == 0).all()
+    for row, lp, expected in zip(rows, got, expected_logprobs(model, rows)):
+        assert len(lp) == len(row) and lp[0] == 0 and torch.allclose(lp[1:], expected, atol=1e-6)
     client.shutdown()
 
 
@@ -95,35 +91,35 @@ def test_errors_name_the_server():
     client = SGLangHTTPModel("big", "http://127.0.0.1:9", timeout_s=5, retries=0)  # nothing listens on port 9
     with pytest.raises(RuntimeError, match=r"sglang model 'big' at http://127.0.0.1:9 failed after 1 attempt\(s\); "
                                            r"last status: URLError"):
-        client.score_async(torch.tensor([[1, 2]]), [2]).result(timeout=30)
+        client.score_async([[1, 2]]).result(timeout=30)
     with pytest.raises(ValueError, match="2 input log-probs for a sequence of 3"):
-        parse_response([{"meta_info": {"input_token_logprobs": [[None, 1, None], [-1.0, 2, None]]}}], [3], 3)
+        parse_response([{"meta_info": {"input_token_logprobs": [[None, 1, None], [-1.0, 2, None]]}}], [3])
     with pytest.raises(ValueError, match="1 results for 2 sequences"):
-        parse_response([{"meta_info": {"input_token_logprobs": []}}], [1, 1], 1)
+        parse_response([{"meta_info": {"input_token_logprobs": []}}], [1, 1])
     with pytest.raises(ValueError, match="result 0 has no meta_info.input_token_logprobs"):
-        parse_response([{"error": "out of memory"}], [1], 1)
+        parse_response([{"error": "out of memory"}], [1])
     assert build_request([[1, 2]])["logprob_start_len"] == 0
 
 
 def test_dropped_connections_5xx_and_wrong_lengths_are_retried(stand_in_server, quick_backoff):
     url, model, requests, faults = stand_in_server
-    tokens, lengths = torch.tensor([[5, 9, 11, 13, 0], [7, 8, 9, 10, 11]]), [4, 5]
+    rows = [[5, 9, 11, 13], [7, 8, 9, 10, 11]]
     faults[:] = ["drop", "500", "short"]
     before = len(requests)
-    got = SGLangHTTPModel("big", url, timeout_s=30, retries=3).score_async(tokens, lengths).result(timeout=60)
+    got = SGLangHTTPModel("big", url, timeout_s=30, retries=3).score_async(rows).result(timeout=60)
     assert len(requests) - before == 4 and not faults  # three failures, then the good answer
-    for i, (n, expected) in enumerate(zip(lengths, expected_logprobs(model, tokens, lengths))):
-        assert torch.allclose(got[i, 1:n], expected, atol=1e-6)
+    for lp, expected in zip(got, expected_logprobs(model, rows)):
+        assert torch.allclose(lp[1:], expected, atol=1e-6)
 
 
 def test_a_late_answer_times_out_and_is_asked_again(stand_in_server, quick_backoff):
     url, model, requests, faults = stand_in_server
     faults[:] = ["late"]  # 2.5 s, past the attempt's share of the 4 s budget (1 s)
     before = len(requests)
-    tokens = torch.tensor([[5, 9, 11, 13]])
-    got = SGLangHTTPModel("big", url, timeout_s=4, retries=2).score_async(tokens, [4]).result(timeout=60)
+    rows = [[5, 9, 11, 13]]
+    got = SGLangHTTPModel("big", url, timeout_s=4, retries=2).score_async(rows).result(timeout=60)
     assert len(requests) - before == 2
-    assert torch.allclose(got[0, 1:4], expected_logprobs(model, tokens, [4])[0], atol=1e-6)
+    assert torch.allclose(got[0][1:], expected_logprobs(model, rows)[0], atol=1e-6)
 
 
 def test_retries_end_with_the_server_and_last_status_and_4xx_is_not_retried(stand_in_server, quick_backoff):
@@ -132,16 +128,16 @@ def test_retries_end_with_the_server_and_last_status_and_4xx_is_not_retried(stan
     before = len(requests)
     with pytest.raises(RuntimeError, match=rf"sglang model 'big' at {url} failed after 3 attempt\(s\); "
                                            r"last status: HTTP 500"):
-        SGLangHTTPModel("big", url, timeout_s=30, retries=2).score_async(torch.tensor([[5, 9]]), [2]).result(60)
+        SGLangHTTPModel("big", url, timeout_s=30, retries=2).score_async([[5, 9]]).result(60)
     assert len(requests) - before == 3
     faults[:] = ["short"] * 2
     with pytest.raises(RuntimeError, match="last status: bad reply: sglang returned 1 input log-probs for a "
                                            "sequence of 2 tokens"):
-        SGLangHTTPModel("big", url, timeout_s=30, retries=1).score_async(torch.tensor([[5, 9]]), [2]).result(60)
+        SGLangHTTPModel("big", url, timeout_s=30, retries=1).score_async([[5, 9]]).result(60)
     faults[:] = ["400", "400"]
     before = len(requests)
     with pytest.raises(RuntimeError, match=r"failed after 1 attempt\(s\); last status: HTTP 400"):
-        SGLangHTTPModel("big", url, timeout_s=30, retries=3).score_async(torch.tensor([[5, 9]]), [2]).result(60)
+        SGLangHTTPModel("big", url, timeout_s=30, retries=3).score_async([[5, 9]]).result(60)
     assert len(requests) - before == 1  # our request is wrong: asking again would not help
     faults.clear()
 
@@ -149,8 +145,8 @@ def test_retries_end_with_the_server_and_last_status_and_4xx_is_not_retried(stan
 def test_a_missing_logprob_becomes_nan_so_that_the_sample_is_dropped_and_counted(stand_in_server):
     url, _, _, faults = stand_in_server
     faults[:] = ["null"]
-    got = SGLangHTTPModel("big", url, timeout_s=30).score_async(torch.tensor([[5, 9, 11, 13]]), [4]).result(60)
-    assert got[0, 0] == 0 and math.isnan(got[0, 2]) and torch.isfinite(got[0, [1, 3]]).all()
+    [got] = SGLangHTTPModel("big", url, timeout_s=30).score_async([[5, 9, 11, 13]]).result(60)
+    assert got[0] == 0 and math.isnan(got[2]) and torch.isfinite(got[[1, 3]]).all()
 
 
 def test_backoff_is_bounded_and_retries_are_configured(tmp_path):

@@ -1,5 +1,5 @@
 """Streaming overlap (torchrun, world 2): rank 0 is the student (rollout engine + pi_old), rank 1 a dedicated
-teacher serving log-probs through the real FrozenScorer / serve_frozen_model exchange.
+teacher serving log-probs through the real DedicatedScorer / serve_frozen_model exchange.
 
 One step = MICRO_BATCHES rollout micro-batches, then pi_old and the teacher log-probs of all of them:
 - streaming (what Trainer.rollout / add_old_logprobs / add_frozen_logprobs do): each micro-batch is submitted to
@@ -12,6 +12,7 @@ Rounds alternate the two orders (AB, BA, ...). Components are timed in the seria
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -32,11 +33,12 @@ from megatron_gopd.checkpoint import load_model  # noqa: E402
 from megatron_gopd.models.architectures import ModelDims  # noqa: E402
 from megatron_gopd.models.builder import build_model  # noqa: E402
 from megatron_gopd.models.parallel_model import ParallelModel  # noqa: E402
-from megatron_gopd.rollout.base import SamplingParams, samples_to_batch  # noqa: E402
+from megatron_gopd.batching import Batching, assemble  # noqa: E402
+from megatron_gopd.rollout.base import SamplingParams  # noqa: E402
 from megatron_gopd.rollout.hf_engine import HFRolloutEngine  # noqa: E402
 from megatron_gopd.runtime.layout import ParallelShape, build_layout  # noqa: E402
 from megatron_gopd.teachers.frozen import FrozenModel  # noqa: E402
-from megatron_gopd.teachers.service import FrozenScorer, serve_frozen_model  # noqa: E402
+from megatron_gopd.teachers.service import DedicatedScorer, serve_frozen_model  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -60,20 +62,23 @@ dims = ModelDims.from_hf(ckpts / "student" / "hf")
 gpt = build_model(dims, layout.student.pgc)
 load_model(ckpts / "student", gpt, group=layout.student.world)
 student = ParallelModel(gpt, dims)  # pi_old is TrainableModel.token_logprobs, i.e. this same ParallelModel pass
-scorer = FrozenScorer(layout, {"teacher": None}, temperature=1.0, timeout_s=600)
+scorer = DedicatedScorer("teacher", layout, timeout_s=600)
 g = torch.Generator().manual_seed(0)
 prompts = [[[1] + torch.randint(5, 250, (8,), generator=g).tolist() for _ in range(args.rows)]
            for _ in range(args.micro_batches)]
-seq = 9 + args.new_tokens
 
 
 def generate(j: int, seed: int) -> dict:
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=(), seed=seed * 100 + j)
-    return samples_to_batch(engine.generate(prompts[j], params), seq)
+    return assemble([s.prompt_ids + s.response_ids for s in engine.generate(prompts[j], params)],
+                    Batching(args.rows))
+
+
+row_ids = itertools.count()
 
 
 def submit(batch: dict) -> None:
-    scorer.submit(batch["tokens"], [["teacher"]] * args.rows)
+    scorer.submit({next(row_ids): row.tolist() for row in batch["tokens"]})
 
 
 def streaming(seed: int) -> dict:
@@ -84,7 +89,7 @@ def streaming(seed: int) -> dict:
         submit(batch=batches[-1])
     student.token_logprobs(batches)
     scores = scorer.collect()
-    assert len(scores["teacher"]) == args.micro_batches
+    assert len(scores) == args.micro_batches * args.rows
     return {"total": time.perf_counter() - start}
 
 

@@ -2,8 +2,8 @@
 
 megatron-core assumes CUDA throughout. On a CPU-only torch build these shims let the *real* library run over
 gloo: models, TP/PP schedules, DDP, the distributed optimizer and dist_checkpointing. Every shim below was shown
-to be needed by switching it off (see ../shared/reference). They are applied only when CUDA is absent, once per
-process, before any megatron model is built. On a GPU this module does nothing.
+to be needed by switching it off, and its comment says where megatron needs it. They are applied only when CUDA is
+absent, once per process, before any megatron model is built. On a GPU this module does nothing.
 """
 
 from __future__ import annotations
