@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (mixture-of-experts models): the ranks each sparse layer's experts spread over
+    etp: Optional[int] = None  # expert tensor parallel; None: tp. ep * etp must divide tp * dp
 
 
 @dataclass
@@ -34,6 +36,7 @@ class StudentConfig:
     dtype: str = "fp32"  # fp32 | bf16
     fp8: Optional[str] = None  # e4m3 | hybrid (GPU + Transformer Engine only)
     fp8_recipe: str = "delayed"
+    moe_aux_loss_coef: float = 0.0  # mixture of experts: the router's load-balancing loss weight (0: off)
 
 
 @dataclass
@@ -300,11 +303,25 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
         for key, section in frozen_sections:
             _require(section.placement == "colocated", f"{key}.placement", "algo.loss=full_vocab needs colocated models")
 
-    # Models: paths, architectures, and TP/PP against the heads.
-    # A colocated model shares the student's groups, so it takes the student's TP x PP whatever its own says.
-    models = [("student", config.student.path, config.student.parallel)] + [
+    _require(config.student.moe_aux_loss_coef >= 0, "student.moe_aux_loss_coef",
+             f"must be >= 0, got {config.student.moe_aux_loss_coef}")
+    for key, parallel in [("student", config.student.parallel)] + [
+            (k, c.parallel) for k, c in frozen_sections if c.placement == "dedicated"]:
+        _require(parallel.ep >= 1 and (parallel.etp is None or parallel.etp >= 1), f"{key}.parallel",
+                 f"ep and etp must be >= 1, got ep={parallel.ep}, etp={parallel.etp}")
+        experts = (parallel.etp or parallel.tp) * parallel.ep
+        # A dedicated model's replicas serve different students independently: a forward collective over
+        # replicas (experts spread over them) would deadlock.
+        _require(key == "student" or parallel.tp % experts == 0, f"{key}.parallel",
+                 f"a dedicated model's expert groups must stay inside one replica: etp*ep = {experts} must divide "
+                 f"tp={parallel.tp} (e.g. tp: 2, ep: 2, etp: 1)")
+
+    # Models: paths, architectures, and TP/PP/EP against the heads and experts.
+    # A colocated model shares the student's groups, so it takes the student's parallel sizes whatever its own say.
+    student_parallel = config.student.parallel
+    models = [("student", config.student.path, student_parallel)] + [
         (key, section.path or config.student.path,
-         section.parallel if section.placement == "dedicated" else config.student.parallel)
+         section.parallel if section.placement == "dedicated" else student_parallel)
         for key, section in frozen_sections if section.placement != "sglang"
     ]
     if check_paths:
@@ -318,9 +335,21 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
                      f"{model_path} is not a megatron-gopd model checkpoint (no {hf_dir}); make one with "
                      "tools/convert_hf_to_megatron.py")
             try:
-                ModelDims.from_hf(hf_dir).check_parallel(parallel.tp, parallel.pp)
+                dims = ModelDims.from_hf(hf_dir)
+                colocated_dense = key != "student" and parallel is student_parallel and not dims.is_moe
+                ep, etp = (1, None) if colocated_dense else (parallel.ep, parallel.etp)
+                dims.check_parallel(parallel.tp, parallel.pp, ep, etp)
             except ValueError as e:
                 raise ConfigError(f"{key}.parallel: {e}") from None
+            _require(not (key == "student" and dims.is_moe and parallel.tp > 1), "student.parallel.tp",
+                     "megatron trains a mixture of experts at tp > 1 only with sequence parallelism, which this "
+                     "trainer does not enable; spread the experts with ep (over data-parallel ranks) instead")
+            experts_span_replicas = student_parallel.tp % ((student_parallel.etp or student_parallel.tp)
+                                                           * student_parallel.ep)
+            _require(not (a.loss == "full_vocab" and dims.is_moe and key != "student" and parallel is student_parallel
+                          and experts_span_replicas), "algo.loss",
+                     f"full_vocab runs {key}'s forwards per teacher, unequal over replicas, which a mixture of "
+                     "experts spread over data-parallel replicas (student.parallel.ep) cannot")
         for key, paths in [("data.train", d.train), ("data.eval", d.eval)]:
             for p in paths:
                 _require(Path(p).exists() or "/" not in p and not p.endswith((".jsonl", ".json", ".parquet")),
@@ -337,6 +366,9 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
                  f"world size {world_size} minus {dedicated} dedicated frozen-model ranks leaves {student_ranks} "
                  f"student ranks, not a multiple of tp*pp={per_replica}")
         dp = student_ranks // per_replica
+        experts = (student.etp or student.tp) * student.ep
+        _require((student.tp * dp) % experts == 0, "student.parallel.ep",
+                 f"etp*ep = {experts} must divide the tp*dp = {student.tp * dp} ranks of a pipeline stage")
         _require(d.prompts_per_step % dp == 0, "data.prompts_per_step",
                  f"{d.prompts_per_step} prompts per step do not split over {dp} data-parallel student replicas")
         rows = d.prompts_per_step // dp * r.samples_per_prompt

@@ -42,10 +42,11 @@ def frozen_model_specs(cfg: RunConfig) -> dict[str, tuple[str, object]]:
 def make_layout(cfg: RunConfig) -> RoleLayout:
     """The student takes the ranks the dedicated frozen models leave; colocated models share its groups."""
     specs = frozen_model_specs(cfg)
-    dedicated = {name: ParallelShape(c.parallel.tp, c.parallel.pp, c.dp)
+    dedicated = {name: ParallelShape(c.parallel.tp, c.parallel.pp, c.dp, c.parallel.ep, c.parallel.etp)
                  for name, (_, c) in specs.items() if c.placement == "dedicated"}
-    tp, pp = cfg.student.parallel.tp, cfg.student.parallel.pp
-    student = ParallelShape(tp, pp, (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (tp * pp))
+    sp = cfg.student.parallel
+    student = ParallelShape(sp.tp, sp.pp, (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (sp.tp * sp.pp),
+                            sp.ep, sp.etp)
     on_ranks = [name for name, (_, c) in specs.items() if c.placement != "sglang"]  # servers hold no ranks
     return build_layout(student, {name: (dedicated.get(name, student), name in dedicated) for name in on_ranks},
                         timeout_s=cfg.faults.exchange_timeout_s)
@@ -198,7 +199,7 @@ def build_run(cfg: RunConfig) -> Run | None:
     pgc = layout.student.pgc
     dims = ModelDims.from_hf(Path(cfg.student.path) / "hf")
     gpt = build_model(dims, pgc, dtype=DTYPES[cfg.student.dtype], seed=cfg.train.seed, fp8=cfg.student.fp8,
-                      fp8_recipe=cfg.student.fp8_recipe)
+                      fp8_recipe=cfg.student.fp8_recipe, moe_aux_loss_coef=cfg.student.moe_aux_loss_coef)
     checkpoint.load_model(cfg.student.path, gpt, group=layout.student.world)
     student = TrainableModel(gpt, dims, cfg.optim, layout.student.world, total_steps=cfg.train.steps)
     colocated = {name: FrozenModel(name, path, layout.frozen[name], dtype=section.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -26,13 +26,18 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(dims: ModelDims, fp8: str | None):
-    if transformer_engine_available():
+def layer_spec(dims: ModelDims, fp8: str | None, config=None, pp_rank: int = 0):
+    """The layer spec of a dense model; for a mixture of experts (`config` needed), the block spec of pipeline
+    stage `pp_rank`, whose layers are dense or sparse as the config's pattern says."""
+    te = transformer_engine_available()
+    if fp8 and not te:
+        raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a CUDA GPU, which this process does not have")
+    if dims.is_moe:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm", pp_rank=pp_rank)
+    if te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=dims.qk_norm)
-    if fp8:
-        raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a CUDA GPU, which this process does not have")
     return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=dims.qk_norm)
 
 
@@ -44,18 +49,22 @@ def build_model(
     seed: int = 1234,
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
+    moe_aux_loss_coef: float = 0.0,
 ) -> GPTModel:
-    """This rank's pipeline stage of the model, TP-sharded over `pgc.tp`, randomly initialised from `seed`."""
-    tp, pp = pgc.tp.size(), pgc.pp.size()
-    config = transformer_config(dims, tp=tp, pp=pp, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe)
+    """This rank's pipeline stage of the model, TP-sharded over `pgc.tp` (experts over `pgc.ep`, each split
+    over `pgc.expt_tp`), randomly initialised from `seed`."""
+    tp, pp, pp_rank = pgc.tp.size(), pgc.pp.size(), pgc.pp.rank()
+    config = transformer_config(dims, tp=tp, pp=pp, ep=pgc.ep.size(), etp=pgc.expt_tp.size(), dtype=dtype, fp8=fp8,
+                                fp8_recipe=fp8_recipe, moe_aux_loss_coef=moe_aux_loss_coef,
+                                grouped_gemm=transformer_engine_available())
     # Seeds the per-TP-rank RNG states; with CPU initialisation the full weight is drawn then sliced, so the
     # initial model is the same at every TP size.
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pgc.tp.rank(), ep_rank=0, etp_rank=0)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pgc.tp.rank(), ep_rank=pgc.ep.rank(),
+                                                    etp_rank=pgc.expt_tp.rank())
     torch.manual_seed(seed)
-    pp_rank = pgc.pp.rank()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(dims, fp8),
+        transformer_layer_spec=layer_spec(dims, fp8, config, pp_rank),
         vocab_size=padded_vocab_size(dims.vocab_size),
         max_sequence_length=dims.max_position_embeddings,
         pre_process=pp_rank == 0,
@@ -74,21 +83,35 @@ def layer_offset(model: GPTModel) -> int:
     return get_transformer_layer_offset(model.config, vp_stage=None, pp_rank=model.pg_collection.pp.rank())
 
 
+def expert_offset(model: GPTModel) -> int:
+    """Global index of this rank's first local expert (0 for a dense model)."""
+    experts = model.config.num_moe_experts or 0
+    return model.pg_collection.ep.rank() * experts // model.config.expert_model_parallel_size if experts else 0
+
+
+def global_parameter_names(model: GPTModel) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters under the weight table's global names."""
+    layers, experts = layer_offset(model), expert_offset(model)
+    return {local_to_global_name(name, layers, experts): p for name, p in model.named_parameters()}
+
+
+def shard_group(model: GPTModel, weight):
+    """The group a table weight is tensor-split over: expert TP for experts, TP otherwise."""
+    return model.pg_collection.expt_tp if weight.entry.is_expert else model.pg_collection.tp
+
+
 @torch.no_grad()
 def load_hf_weights(model: GPTModel, dims: ModelDims, weights: HFWeights) -> None:
     """Copies HF weights into this rank's shard of the model. Each rank reads only the tensors it needs."""
     by_global = {w.megatron: w for w in resolved_weights(dims)}
-    tp_rank, tp = model.pg_collection.tp.rank(), model.pg_collection.tp.size()
-    offset = layer_offset(model)
-    for local_name, param in model.named_parameters():
-        global_name = local_to_global_name(local_name, offset)
-        if global_name == "output_layer.weight" and dims.tie_word_embeddings:
-            # The last pipeline stage keeps its own copy of the tied embedding.
-            global_name = "embedding.word_embeddings.weight"
-        weight = by_global.get(global_name)
+    for name, param in global_parameter_names(model).items():
+        # The last pipeline stage keeps its own copy of the tied embedding.
+        tied = name == "output_layer.weight" and dims.tie_word_embeddings
+        weight = by_global.get("embedding.word_embeddings.weight" if tied else name)
         if weight is None:
-            raise KeyError(f"megatron parameter {local_name} has no entry in the {dims.model_type} weight map")
-        shard = to_megatron_shard(dims, weight, [weights[n] for n in weight.hf], tp_rank, tp)
+            raise KeyError(f"megatron parameter {name} has no entry in the {dims.model_type} weight map")
+        group = shard_group(model, weight)
+        shard = to_megatron_shard(dims, weight, [weights[n] for n in weight.hf], group.rank(), group.size())
         if shard.shape != param.shape:
-            raise ValueError(f"{local_name}: HF weights give shape {tuple(shard.shape)}, model has {tuple(param.shape)}")
+            raise ValueError(f"{name}: HF weights give shape {tuple(shard.shape)}, model has {tuple(param.shape)}")
         param.copy_(shard)

@@ -102,6 +102,15 @@ class ParallelModel:
     def is_last_stage(self) -> bool:
         return self.pgc.pp.rank() == self.pgc.pp.size() - 1
 
+    @property
+    def experts_span_replicas(self) -> bool:
+        """Whether this mixture of experts spreads a layer's experts over DP replicas (ep taken from dp). Then
+        every forward is collective over those replicas (the token all-to-all), so they must run the same number
+        of forwards, even a replica with nothing to do."""
+        pgc = self.pgc
+        return self.dims.is_moe and not set(dist.get_process_group_ranks(pgc.tp_ep)) <= set(
+            dist.get_process_group_ranks(pgc.mp))
+
     def run(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float, forward_only: bool,
             with_entropy: bool = True) -> list[dict]:
         """Runs megatron's schedule over the micro-batches (all of one shape). Returns, on the last pipeline
@@ -146,11 +155,25 @@ class ParallelModel:
     @torch.no_grad()
     def token_logprobs(self, micro_batches: list[MicroBatch], *, temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-token log-probs [b, s] of each micro-batch, as fp32 CPU tensors, on every rank of the model's
-        TP x PP group."""
+        TP x PP group. When the experts span replicas (`experts_span_replicas`), every rank of the role must
+        call this, with micro-batches or without."""
+        self.module.eval()
+        spare = 0
+        if self.experts_span_replicas:
+            # Match the busiest replica's forwards with one-token dummies, agreed on before any forward (every
+            # stage of a replica has the same micro-batches, so the maximum over a stage's ranks is the role's).
+            most = torch.tensor([len(micro_batches)])
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.pgc.tp_dp_cp)
+            spare = int(most.item()) - len(micro_batches)
+        results = self._token_logprobs(micro_batches, temperature) if micro_batches else []
+        if spare:
+            self._token_logprobs([{"tokens": torch.zeros(1, 1, dtype=torch.long)}] * spare, temperature)
+        return results
+
+    def _token_logprobs(self, micro_batches: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
         def keep(mb, lp, ent, logits):
             return lp.new_zeros(()), {"logprobs": lp}
 
-        self.module.eval()
         outputs = self.run(micro_batches, keep, temperature=temperature, forward_only=True, with_entropy=False)
         results = [o["logprobs"] for o in outputs] if self.is_last_stage else [
             torch.empty(mb["tokens"].shape) for mb in micro_batches

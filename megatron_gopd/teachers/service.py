@@ -95,7 +95,7 @@ class FrozenScorer:
         out = {name: [torch.zeros(shape) for shape in self._batches] for name in self.models}
         for name, local in self.models.items():
             if isinstance(local, FrozenModel):
-                if self._pending[name]:
+                if self._pending[name] or local.experts_span_replicas:  # the latter forward in lockstep
                     scores = local.score([{"tokens": p.tokens} for _, p in self._pending[name]], self.temperature)
                     for (index, p), lp in zip(self._pending[name], scores):
                         out[name][index][p.rows] = lp
