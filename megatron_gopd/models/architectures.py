@@ -81,7 +81,7 @@ class ModelDims:
         if model_type not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unsupported architecture model_type={model_type!r}; supported: {sorted(ARCHITECTURES)} "
-                f"(dense decoders: {', '.join(a.hf_class for a in ARCHITECTURES.values())})"
+                f"(decoders: {', '.join(a.hf_class for a in ARCHITECTURES.values())})"
             )
         arch = ARCHITECTURES[model_type]
         if cfg.get("mlp_bias"):
