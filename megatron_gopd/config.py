@@ -244,6 +244,7 @@ def _choice(value, key: str, choices) -> None:
 
 def validate(config: RunConfig, *, world_size: int | None = None, check_paths: bool = True) -> None:
     from megatron_gopd.models.architectures import ModelDims
+    from megatron_gopd.runtime.layout import experts_within_replica
 
     a, r, d, t = config.algo, config.rollout, config.data, config.train
     _choice(a.name, "algo.name", ("gopd", "grpo", "sft"))
@@ -309,12 +310,12 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
             (k, c.parallel) for k, c in frozen_sections if c.placement == "dedicated"]:
         _require(parallel.ep >= 1 and (parallel.etp is None or parallel.etp >= 1), f"{key}.parallel",
                  f"ep and etp must be >= 1, got ep={parallel.ep}, etp={parallel.etp}")
-        experts = (parallel.etp or parallel.tp) * parallel.ep
         # A dedicated model's replicas serve different students independently: a forward collective over
         # replicas (experts spread over them) would deadlock.
-        _require(key == "student" or parallel.tp % experts == 0, f"{key}.parallel",
-                 f"a dedicated model's expert groups must stay inside one replica: etp*ep = {experts} must divide "
-                 f"tp={parallel.tp} (e.g. tp: 2, ep: 2, etp: 1)")
+        _require(key == "student" or experts_within_replica(parallel.tp, parallel.ep, parallel.etp),
+                 f"{key}.parallel", f"a dedicated model's expert groups must stay inside one replica: etp*ep = "
+                 f"{(parallel.etp or parallel.tp) * parallel.ep} must divide tp={parallel.tp} (e.g. tp: 2, ep: 2, "
+                 "etp: 1)")
 
     # Models: paths, architectures, and TP/PP/EP against the heads and experts.
     # A colocated model shares the student's groups, so it takes the student's parallel sizes whatever its own say.
@@ -344,10 +345,8 @@ def validate(config: RunConfig, *, world_size: int | None = None, check_paths: b
             _require(not (key == "student" and dims.is_moe and parallel.tp > 1), "student.parallel.tp",
                      "megatron trains a mixture of experts at tp > 1 only with sequence parallelism, which this "
                      "trainer does not enable; spread the experts with ep (over data-parallel ranks) instead")
-            experts_span_replicas = student_parallel.tp % ((student_parallel.etp or student_parallel.tp)
-                                                           * student_parallel.ep)
             _require(not (a.loss == "full_vocab" and dims.is_moe and key != "student" and parallel is student_parallel
-                          and experts_span_replicas), "algo.loss",
+                          and not experts_within_replica(parallel.tp, parallel.ep, parallel.etp)), "algo.loss",
                      f"full_vocab runs {key}'s forwards per teacher, unequal over replicas, which a mixture of "
                      "experts spread over data-parallel replicas (student.parallel.ep) cannot")
         for key, paths in [("data.train", d.train), ("data.eval", d.eval)]:

@@ -45,8 +45,8 @@ def make_layout(cfg: RunConfig) -> RoleLayout:
     dedicated = {name: ParallelShape(c.parallel.tp, c.parallel.pp, c.dp, c.parallel.ep, c.parallel.etp)
                  for name, (_, c) in specs.items() if c.placement == "dedicated"}
     sp = cfg.student.parallel
-    student = ParallelShape(sp.tp, sp.pp, (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (sp.tp * sp.pp),
-                            sp.ep, sp.etp)
+    dp = (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (sp.tp * sp.pp)
+    student = ParallelShape(sp.tp, sp.pp, dp, sp.ep, sp.etp)
     on_ranks = [name for name, (_, c) in specs.items() if c.placement != "sglang"]  # servers hold no ranks
     return build_layout(student, {name: (dedicated.get(name, student), name in dedicated) for name in on_ranks},
                         timeout_s=cfg.faults.exchange_timeout_s)

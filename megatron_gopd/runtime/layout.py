@@ -40,6 +40,12 @@ _GRID_GROUPS = {
 }
 
 
+def experts_within_replica(tp: int, ep: int, etp: int | None = None) -> bool:
+    """Whether each expert-parallel group lies inside one DP replica (ep from tp): then replicas run
+    independently; otherwise every forward is collective over the replicas of an expert group."""
+    return tp % ((tp if etp is None else etp) * ep) == 0
+
+
 # The expert grid's order (megatron's expert rank generator): tp-ep-dp-pp.
 _EXPERT_DIMS = ["tp", "ep", "dp", "pp"]
 _EXPERT_GROUPS = {"ep": "ep", "expt_tp": "tp", "expt_dp": "dp", "tp_ep": ["tp", "ep"], "tp_ep_pp": ["tp", "ep", "pp"]}
@@ -68,8 +74,7 @@ class ParallelShape:
 
     @property
     def experts_within_replica(self) -> bool:
-        """Whether each expert-parallel group lies inside one DP replica (then replicas run independently)."""
-        return self.tp % (self.expert_tp * self.ep) == 0
+        return experts_within_replica(self.tp, self.ep, self.etp)
 
 
 @dataclass

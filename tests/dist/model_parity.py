@@ -89,7 +89,8 @@ for arch in args.archs.split(","):
 
     # 2. two optimizer steps on the global batch; each DP rank takes its slice, one sequence per micro-batch
     if args.train:
-        trainable = TrainableModel(gpt, dims, OptimConfig(lr=1e-3, clip_grad=1.0, adam_eps=args.adam_eps), layout.student.world, total_steps=2)
+        optim = OptimConfig(lr=1e-3, clip_grad=1.0, adam_eps=args.adam_eps)
+        trainable = TrainableModel(gpt, dims, optim, layout.student.world, total_steps=2)
         dp_rank, per_rank = pgc.dp.rank(), GLOBAL_BATCH // dp
         mine = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         global_tokens = GLOBAL_BATCH * (SEQ - 1)
