@@ -72,6 +72,7 @@ for arch in args.archs.split(","):
     dims = ModelDims.from_hf(hf.config)
     gpt = build_model(dims, pgc, seed=11, moe_aux_loss_coef=args.moe_aux_loss_coef)
     load_hf_weights(gpt, dims, HFWeights(hub_state_dict(hf)))
+    load = ExpertLoad(gpt) if dims.is_moe else None  # counts training forwards only: not the comparison's below
     with torch.no_grad():
         hf_logits = hf(tokens).logits
 
@@ -99,7 +100,7 @@ for arch in args.archs.split(","):
             total = -lp[:, 1:].sum()
             return total / global_tokens, {"nll_sum": total.detach()}
 
-        steps, load = [], ExpertLoad(gpt) if dims.is_moe else None
+        steps = []
         if load:
             entry.update(hf_routing(hf, dims))
         for _ in range(2):
