@@ -12,6 +12,8 @@ prints the same markdown. Sections:
   growth     6. step time and peak memory against the response length (bench_growth.py)
   gpu        7. train-step MFU at ~1.3B, TE/FP8 when installed, rollout tok/s, sync GB/s (bench/dist/gpu_suite.py);
              without CUDA, its --smoke form (a tiny model on the CPU: the code runs, no figures).
+  moe        8. a mixture-of-experts student step against a dense one of the same active parameters, world 1
+             and EP=2 (bench_moe.py; reported, no target)
 --quick keeps the suite well under 10 minutes on 2 cores; the full size repeats more and adds sizes; --size smoke
 runs every section in seconds (the test suite runs it, so that a change that breaks the bench breaks a test).
 The TRL comparison needs the `bench` extra (`pip install -e ".[bench]"`).
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import (
     bench_growth,
     bench_logprobs,
+    bench_moe,
     bench_opd_vs_trl,
     bench_rollout,
     bench_teachers,
@@ -48,7 +51,7 @@ from bench.common import (
     verdict,
 )
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "gpu")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "gpu", "moe")
 
 
 def _gpu(size: str) -> dict:
@@ -71,6 +74,7 @@ RUNNERS = {
     "teachers": bench_teachers.run,
     "overlap": bench_teachers.run_overlap,
     "growth": bench_growth.run,
+    "moe": bench_moe.run,
     "gpu": _gpu,
 }
 
@@ -120,11 +124,13 @@ MARKDOWN = {
     "teachers": bench_teachers.to_markdown,
     "overlap": bench_teachers.overlap_markdown,
     "growth": bench_growth.to_markdown,
+    "moe": bench_moe.to_markdown,
     "gpu": _gpu_markdown,
 }
 TITLES = {"logprobs": "1. Log-prob and entropy kernel", "rollout": "2. Rollout engine and weight sync",
           "opd": "3. End-to-end OPD step against TRL", "teachers": "4. Teacher scaling",
-          "overlap": "5. Streaming overlap", "growth": "6. Growth with the response length", "gpu": "7. GPU suite"}
+          "overlap": "5. Streaming overlap", "growth": "6. Growth with the response length", "gpu": "7. GPU suite",
+          "moe": "8. Mixture of experts"}
 
 
 def headline(results: dict) -> list[list]:
@@ -180,6 +186,8 @@ def headline(results: dict) -> list[list]:
         ran = (f"not run: no CUDA device (unverified); --smoke on CPU: {_gpu_errors(gpu)} errors" if gpu["smoke"]
                else f"{gpu['device']}, {_gpu_errors(gpu)} errors (section 7)")
         rows.append(["7. GPU suite", ran, "run on a GPU", "-"])
+    if "moe" in results:
+        rows += bench_moe.headline_rows(results["moe"])
     return rows
 
 

@@ -232,6 +232,7 @@ def _architecture(gpt: GPTModel) -> dict:
         "num_query_groups": c.num_query_groups, "kv_channels": c.kv_channels, "ffn_hidden_size": c.ffn_hidden_size,
         "padded_vocab_size": gpt.vocab_size, "qk_layernorm": c.qk_layernorm, "add_qkv_bias": c.add_qkv_bias,
         "tie_word_embeddings": gpt.share_embeddings_and_output_weights,
+        "num_moe_experts": c.num_moe_experts, "moe_ffn_hidden_size": c.moe_ffn_hidden_size,
     }
 
 
@@ -241,9 +242,14 @@ def _metadata(gpt: GPTModel, kind: str, hf_dir: PathLike | None) -> dict:
     return {
         "format_version": FORMAT_VERSION, "kind": kind, "model_type": model_type,
         "dtype": _DTYPE_NAMES[gpt.config.params_dtype],
-        "parallel": {"tp": pgc.tp.size(), "pp": pgc.pp.size(), "dp": pgc.dp.size()},
+        "parallel": _parallel_sizes(pgc),
         "architecture": _architecture(gpt),
     }
+
+
+def _parallel_sizes(pgc) -> dict:
+    return {"tp": pgc.tp.size(), "pp": pgc.pp.size(), "dp": pgc.dp.size(), "ep": pgc.ep.size(),
+            "etp": pgc.expt_tp.size()}
 
 
 def _check_same_dtype(meta: dict, gpt: GPTModel, directory: Path) -> None:
@@ -564,12 +570,16 @@ def load_training_checkpoint(
         return None
     meta = read_checkpoint_metadata(directory)
     pgc = trainable.pgc
-    written, now = meta["parallel"], {"tp": pgc.tp.size(), "pp": pgc.pp.size(), "dp": pgc.dp.size()}
-    if (written["tp"], written["pp"]) != (now["tp"], now["pp"]):
+    # Checkpoints from before expert parallelism name no ep/etp: they were written without it (ep 1, etp = tp).
+    written = {"ep": 1, "etp": meta["parallel"]["tp"], **meta["parallel"]}
+    now = _parallel_sizes(pgc)
+    fixed = ("tp", "pp", "ep", "etp")
+    if any(written[k] != now[k] for k in fixed):
+        describe = lambda sizes: " ".join(f"{k.upper()}={sizes[k]}" for k in fixed)  # noqa: E731
         raise ValueError(
-            f"{directory} was written at TP={written['tp']} PP={written['pp']} but the student runs at "
-            f"TP={now['tp']} PP={now['pp']}: the optimizer state (dp_reshardable) reshards over DP only. Start a "
-            f"new run from its weights with load_model instead"
+            f"{directory} was written at {describe(written)} but the student runs at {describe(now)}: the "
+            f"optimizer state (dp_reshardable) reshards over DP only. Start a new run from its weights with "
+            f"load_model instead"
         )
     _check_architecture(meta, trainable.gpt, directory)
     _check_same_dtype(meta, trainable.gpt, directory)

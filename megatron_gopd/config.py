@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel (mixture-of-experts models): the ranks each sparse layer's experts spread over
+    etp: Optional[int] = None  # expert tensor parallel; None: tp. ep * etp must divide tp * dp
 
 
 @dataclass
@@ -44,6 +46,7 @@ class StudentConfig:
     # auto: Transformer Engine's fused attention where TE and a GPU are, else torch's fused attention (sdpa,
     # linear memory); megatron: megatron-core's local attention (S x S scores); te: TE or an error
     attention: Literal["auto", "sdpa", "megatron", "te"] = "auto"
+    moe_aux_loss_coef: float = 0.0  # mixture of experts: the router's load-balancing loss weight (0: off)
 
 
 @dataclass
@@ -360,10 +363,15 @@ def validate(config: RunConfig) -> None:
             claimed[domain] = tc.name
     if d.default_teacher is not None:
         _require(d.default_teacher in names, "data.default_teacher", f"{d.default_teacher!r} is not a teacher {names}")
+    _require(config.student.moe_aux_loss_coef >= 0, "student.moe_aux_loss_coef",
+             f"must be >= 0, got {config.student.moe_aux_loss_coef}")
+    for key, parallel, dp in [("student", config.student.parallel, 1)] + [
+            (f"teachers[{i}]", tc.parallel, tc.dp) for i, tc in enumerate(config.teachers)] + [
+            ("reference", config.reference.parallel, config.reference.dp)]:
+        _require(min(parallel.tp, parallel.pp, parallel.ep, dp, parallel.etp or 1) >= 1, f"{key}.parallel",
+                 f"tp, pp, ep, etp and dp must be >= 1, got {parallel} dp={dp}")
     for key, section in [(f"teachers[{i}]", tc) for i, tc in enumerate(config.teachers)] + [
             ("reference", config.reference)]:
-        _require(section.dp >= 1 and section.parallel.tp >= 1 and section.parallel.pp >= 1, f"{key}.parallel",
-                 "tp, pp and dp must be >= 1")
         if section.placement == "sglang":
             _require(bool(section.url), f"{key}.url", "placement sglang needs the server's url")
 

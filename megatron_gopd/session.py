@@ -26,7 +26,7 @@ from megatron_gopd.models.parallel_model import LRSchedule, TrainableModel, adam
 from megatron_gopd.rollout.base import SamplingParams
 from megatron_gopd.rollout.colocated import ColocatedRollout, build_rollout
 from megatron_gopd.runtime.distributed import computed_on
-from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout
+from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout, experts_within_replica
 from megatron_gopd.teachers.frozen import FrozenModel, check_same_tokenizer
 from megatron_gopd.teachers.service import (
     ColocatedScorer,
@@ -56,6 +56,14 @@ def check_run(cfg: RunConfig, world_size: int | None, *, files: bool = True) -> 
         if section.placement == "sglang" and cfg.rollout.temperature != 1.0:
             raise ConfigError(f"rollout.temperature: {_key(cfg, name)} is an sglang server, which scores at "
                               "temperature 1; set rollout.temperature=1.0")
+    for name, section in models.items():
+        p = section.parallel
+        # a dedicated model's replicas serve different students independently: a forward collective over replicas
+        # (experts spread over them) would deadlock
+        if section.placement == "dedicated" and not experts_within_replica(p.tp, p.ep, p.etp):
+            raise ConfigError(f"{_key(cfg, name)}.parallel: a dedicated model's expert groups must stay inside one "
+                              f"replica: etp*ep = {(p.etp or p.tp) * p.ep} must divide tp={p.tp} (e.g. tp: 2, ep: 2, "
+                              "etp: 1)")
     if world_size is not None:
         student, d = cfg.student.parallel, cfg.data
         dedicated = sum(s.parallel.tp * s.parallel.pp * s.dp for s in models.values() if s.placement == "dedicated")
@@ -63,16 +71,21 @@ def check_run(cfg: RunConfig, world_size: int | None, *, files: bool = True) -> 
         if student_ranks < per_replica or student_ranks % per_replica:
             raise ConfigError(f"student.parallel: world size {world_size} minus {dedicated} dedicated frozen-model "
                               f"ranks leaves {student_ranks} student ranks, not a multiple of tp*pp={per_replica}")
-        if d.prompts_per_step % (student_ranks // per_replica):
+        dp, experts = student_ranks // per_replica, (student.etp or student.tp) * student.ep
+        if (student.tp * dp) % experts:
+            raise ConfigError(f"student.parallel.ep: etp*ep = {experts} must divide the tp*dp = {student.tp * dp} "
+                              "ranks of a pipeline stage")
+        if d.prompts_per_step % dp:
             raise ConfigError(f"data.prompts_per_step: {d.prompts_per_step} prompts per step do not split over "
-                              f"{student_ranks // per_replica} data-parallel student replicas")
+                              f"{dp} data-parallel student replicas")
     if files:
         _check_files(cfg, models)
 
 
 def _check_files(cfg: RunConfig, models: dict[str, FrozenModelConfig]) -> None:
-    # A colocated model shares the student's groups, so it takes the student's TP x PP whatever its own says.
-    checkpoints = [("student", cfg.student.path, cfg.student.parallel)]
+    # A colocated model shares the student's groups, so it takes the student's parallel sizes whatever its own say.
+    student = cfg.student.parallel
+    checkpoints = [("student", cfg.student.path, student)]
     for name, section in models.items():
         key = _key(cfg, name)
         if section.placement == "sglang":
@@ -80,17 +93,29 @@ def _check_files(cfg: RunConfig, models: dict[str, FrozenModelConfig]) -> None:
                 raise ConfigError(f"{key}.path: {section.path}: an sglang model's path must be its HF directory "
                                   "(config, tokenizer)")
             continue
-        parallel = section.parallel if section.placement == "dedicated" else cfg.student.parallel
+        parallel = section.parallel if section.placement == "dedicated" else student
         checkpoints.append((key, section.path or cfg.student.path, parallel))
     for key, path, parallel in checkpoints:
         hf_dir = Path(path) / "hf"
         if not hf_dir.is_dir():
             raise ConfigError(f"{key}.path: {path} is not a megatron-gopd model checkpoint (no {hf_dir}); make one "
                               "with tools/convert_hf_to_megatron.py")
+        dims = ModelDims.from_hf(hf_dir)
+        colocated_dense = key != "student" and parallel is student and not dims.is_moe
         try:
-            ModelDims.from_hf(hf_dir).check_parallel(parallel.tp, parallel.pp)
+            dims.check_parallel(parallel.tp, parallel.pp, *((1, None) if colocated_dense else (parallel.ep,
+                                                                                               parallel.etp)))
         except ValueError as e:
             raise ConfigError(f"{key}.parallel: {e}") from None
+        if key == "student" and dims.is_moe and parallel.tp > 1:
+            raise ConfigError("student.parallel.tp: megatron trains a mixture of experts at tp > 1 only with "
+                              "sequence parallelism, which this trainer does not enable; spread the experts with ep "
+                              "(over data-parallel ranks) instead")
+        if cfg.algo.loss == "full_vocab" and dims.is_moe and key != "student" and parallel is student and \
+                not experts_within_replica(parallel.tp, parallel.ep, parallel.etp):
+            raise ConfigError(f"algo.loss: full_vocab runs {key}'s forwards per teacher, unequal over replicas, "
+                              "which a mixture of experts spread over data-parallel replicas (student.parallel.ep) "
+                              "cannot")
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given")
     for key, paths in [("data.train", cfg.data.train), ("data.eval", cfg.data.eval)]:
@@ -102,10 +127,11 @@ def _check_files(cfg: RunConfig, models: dict[str, FrozenModelConfig]) -> None:
 def make_layout(cfg: RunConfig) -> RoleLayout:
     """The student takes the ranks the dedicated frozen models leave; colocated models share its groups."""
     models = frozen_models(cfg)
-    dedicated = {name: ParallelShape(s.parallel.tp, s.parallel.pp, s.dp)
+    dedicated = {name: ParallelShape(s.parallel.tp, s.parallel.pp, s.dp, s.parallel.ep, s.parallel.etp)
                  for name, s in models.items() if s.placement == "dedicated"}
-    tp, pp = cfg.student.parallel.tp, cfg.student.parallel.pp
-    student = ParallelShape(tp, pp, (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (tp * pp))
+    sp = cfg.student.parallel
+    dp = (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (sp.tp * sp.pp)
+    student = ParallelShape(sp.tp, sp.pp, dp, sp.ep, sp.etp)
     on_ranks = [name for name, s in models.items() if s.placement != "sglang"]  # servers hold no ranks
     return build_layout(student, {name: (dedicated.get(name, student), name in dedicated) for name in on_ranks},
                         timeout_s=cfg.faults.exchange_timeout_s)
@@ -194,7 +220,8 @@ def build_session(cfg: RunConfig) -> Session | None:
     pgc = layout.student.pgc
     dims = ModelDims.from_hf(Path(cfg.student.path) / "hf")
     gpt = build_model(dims, pgc, dtype=DTYPES[cfg.student.dtype], seed=cfg.train.seed, fp8=cfg.student.fp8,
-                      fp8_recipe=cfg.student.fp8_recipe, attention=cfg.student.attention)
+                      fp8_recipe=cfg.student.fp8_recipe, attention=cfg.student.attention,
+                      moe_aux_loss_coef=cfg.student.moe_aux_loss_coef)
     checkpoint.load_model(cfg.student.path, gpt, group=layout.student.world)
     student = TrainableModel(gpt, dims, optimizer_config(cfg), layout.student.world, schedule=lr_schedule(cfg))
     colocated = {name: FrozenModel(name, s.path or cfg.student.path, layout.frozen[name], dtype=s.dtype,

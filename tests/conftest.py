@@ -32,10 +32,11 @@ def run_torchrun(script: str, nproc: int, *args: str, tmp_path: Path, timeout: f
     return json.loads(out.read_text())
 
 
-def make_tiny_checkpoints(root: Path, dtype: str = "fp32") -> Path:
+def make_tiny_checkpoints(root: Path, dtype: str = "fp32", moe: bool = False) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(DIST_SCRIPTS / "make_checkpoints.py"), "--out", str(root),
-                           "--dtype", dtype], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+                           "--dtype", dtype] + (["--moe"] if moe else []), capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 

@@ -61,7 +61,7 @@ def test_model_checkpoint_layout_and_metadata(model_job):
     meta = model_job["archs"]["llama"]["teacher_meta"]
     assert meta["kind"] == "model" and meta["format_version"] == 1
     assert meta["model_type"] == "llama" and meta["dtype"] == "fp32"
-    assert meta["parallel"] == {"tp": 1, "pp": 1, "dp": 1}
+    assert meta["parallel"] == {"tp": 1, "pp": 1, "dp": 1, "ep": 1, "etp": 1}
     assert meta["architecture"]["padded_vocab_size"] == 256  # 250 padded to 128s, whatever the TP
     assert model_job["archs"]["qwen3_tied"]["teacher_meta"]["architecture"]["tie_word_embeddings"] is True
 

@@ -18,6 +18,7 @@ RECIPES = {  # config -> (GPUs its launch script starts: student + dedicated fro
     "examples/qwen3_strong_to_weak/config.yaml": (8, 100, SPLIT),
     "examples/qwen3_strong_to_weak/reward_correction.yaml": (8, 100, SPLIT),
     "examples/grpo_domain_expert/config.yaml": (8, 300, WORLD),
+    "examples/qwen3_30b_a3b_moe/config.yaml": (24, 50, WORLD),
 }
 
 
@@ -119,3 +120,25 @@ def test_the_conversion_runs_once_on_node_0_while_other_nodes_wait(tmp_path):
     assert not (tmp_path / "ckpt" / "m" / "partial").exists()
     late = run_bash("convert_once hf/x ckpt/x 1", {**env, "CONVERT_WAIT_S": "1"}, tmp_path)
     assert late.returncode != 0 and "waited" in late.stderr
+
+
+def test_moe_recipe_ships_the_qwen3_30b_a3b_config_and_its_layout_splits_it():
+    """Issue 22: the HF config beside the MoE recipe gives the model card's 30.5B parameters, 3.3B active, and
+    the recipe's EP sizes divide its 128 experts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_gopd.models.architectures import ModelDims
+
+    recipe = ROOT / "examples/qwen3_30b_a3b_moe"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(recipe))
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    dims = ModelDims.from_hf(recipe)
+    active = total - experts * (1 - dims.moe_topk / dims.num_experts)
+    assert round(total / 1e9, 1) == 30.5 and 3.3 <= active / 1e9 < 3.4
+    config = load_config(recipe / "config.yaml")
+    check_run(config, 24, files=False)
+    for parallel in [config.student.parallel] + [t.parallel for t in config.teachers]:
+        dims.check_parallel(parallel.tp, parallel.pp, parallel.ep, parallel.etp)

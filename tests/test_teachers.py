@@ -58,12 +58,12 @@ def _hf_dir(path, config: dict, tokenizer_vocab: int = 250):
 
 
 def test_tokenizer_check_needs_only_tokenizer_and_vocab_size_for_an_sglang_moe_teacher(tmp_path):
-    """Issue 6/8: an SGLang teacher of an architecture we cannot build (qwen3_moe) still passes the check."""
+    """Issue 6/8: an SGLang teacher of an architecture we cannot build (qwen2_moe) still passes the check."""
     from megatron_gopd.models.architectures import ModelDims, UnsupportedModelError
     from megatron_gopd.teachers.frozen import tokenizer_fingerprint
     from tests.tiny import TINY_CONFIGS
 
-    moe_cfg = {"model_type": "qwen3_moe", "vocab_size": 250, "hidden_size": 64, "num_experts": 8,
+    moe_cfg = {"model_type": "qwen2_moe", "vocab_size": 250, "hidden_size": 64, "num_experts": 8,
                "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4}
     teacher = _hf_dir(tmp_path / "moe", moe_cfg)
     _hf_dir(tmp_path / "student" / "hf", dict(TINY_CONFIGS["qwen3"]))

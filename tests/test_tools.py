@@ -1,6 +1,7 @@
 """Issue 4 and 8 tools: HF <-> Megatron conversion round trips, ExPO, evaluation and sample generation."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,10 +12,14 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, run_torchrun
 from tests.tiny import save_tiny_hf
 
+# A tools/ script's own directory comes first on its sys.path: PYTHONPATH points it at the checkout under test.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
 
 def run(*args, nproc=None):
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [])
-    result = subprocess.run(cmd + list(args), check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(cmd + list(args), check=False, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -88,17 +93,17 @@ def test_exporter_yields_the_hf_state_dict_in_bounded_buckets(tmp_path):
 def test_converter_errors_are_clear(tmp_path):
     save_tiny_hf("llama", tmp_path / "hf")
     bad_tp = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"),
-                             "--save-dir", str(tmp_path / "x"), "--tp", "2"], check=False, capture_output=True, text=True, cwd=ROOT)
+                             "--save-dir", str(tmp_path / "x"), "--tp", "2"], check=False, capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert "--tp 2 x --pp 1 needs 2 processes, got 1" in bad_tp.stderr
     missing = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "nope"),
-                              "--save-dir", str(tmp_path / "x")], check=False, capture_output=True, text=True, cwd=ROOT)
+                              "--save-dir", str(tmp_path / "x")], check=False, capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert "no config.json" in missing.stderr
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     config["model_type"] = "gpt2"
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     unsupported = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"),
-                                  "--save-dir", str(tmp_path / "x")], check=False, capture_output=True, text=True, cwd=ROOT)
-    assert "unsupported architecture model_type='gpt2'; supported: ['llama', 'qwen2', 'qwen3']" in unsupported.stderr
+                                  "--save-dir", str(tmp_path / "x")], check=False, capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert "unsupported architecture model_type='gpt2'; supported: ['llama', 'qwen2', 'qwen3', 'qwen3_moe']" in unsupported.stderr
 
 
 def test_tp_that_does_not_divide_the_gqa_groups_is_a_clear_error(tmp_path):
@@ -117,7 +122,7 @@ def test_tp_that_does_not_divide_the_gqa_groups_is_a_clear_error(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "mg"),
            "--tp", "2"]
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600, env=ENV)
     assert result.returncode != 0
     assert "error: tp=2 does not divide num_key_value_heads=1 (the GQA groups)" in result.stderr
     assert not (tmp_path / "mg").exists()  # nothing half-written
@@ -147,7 +152,7 @@ def test_expo_rejects_different_architectures(tiny_checkpoints, tmp_path):
     save_tiny_hf("llama", tmp_path / "llama")
     result = subprocess.run([sys.executable, "tools/expo.py", "--student", str(tiny_checkpoints / "hf" / "student"),
                              "--teachers", str(tmp_path / "llama"), "--out", str(tmp_path / "x")],
-                            check=False, capture_output=True, text=True, cwd=ROOT)
+                            check=False, capture_output=True, text=True, cwd=ROOT, env=ENV)
     assert result.returncode != 0 and "not the same architecture" in result.stderr
 
 

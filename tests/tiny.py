@@ -14,6 +14,13 @@ TINY_CONFIGS = {
     "qwen3_tied": dict(_BASE, model_type="qwen3", head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True),
     # a 16-token vocabulary: a random policy hits a given token 1 time in 16, enough signal for RL tests
     "qwen3_vocab16": dict(_BASE, model_type="qwen3", head_dim=32, rope_theta=1000000.0, vocab_size=16),
+    # Qwen3-MoE: 4 experts, top 2 renormalised; layer 1 keeps a dense MLP (mlp_only_layers)
+    "qwen3_moe": dict(_BASE, model_type="qwen3_moe", head_dim=32, rope_theta=1000000.0, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1]),
+    # top 2 of all experts' softmax, not renormalised; every second layer sparse (decoder_sparse_step)
+    "qwen3_moe_step2": dict(_BASE, model_type="qwen3_moe", head_dim=32, rope_theta=1000000.0, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+                            decoder_sparse_step=2),
 }
 
 

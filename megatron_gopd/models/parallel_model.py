@@ -206,11 +206,30 @@ class ParallelModel:
     @torch.no_grad()
     def token_logprobs(self, micro_batches: list[MicroBatch], *, temperature: float = 1.0) -> list[torch.Tensor]:
         """Per-token log-probs [b, s] of each micro-batch, as fp32 CPU tensors, on every rank of the model's
-        TP x PP group."""
+        TP x PP group. When the experts span replicas (`experts_span_replicas`), every rank of the role must
+        call this, with micro-batches or without."""
+        self.module.eval()
+        spare = self._lockstep_spare(len(micro_batches))
+        results = self._token_logprobs(micro_batches, temperature) if micro_batches else []
+        if spare:
+            self._token_logprobs([_lockstep_dummy()] * spare, temperature)
+        return results
+
+    def _lockstep_spare(self, count: int) -> int:
+        """How many one-token dummy micro-batches this replica runs after its own so that replicas whose experts
+        are shared (`experts_span_replicas`) run as many forwards as the busiest one; 0 otherwise. Agreed on
+        before any forward (every stage of a replica has the same micro-batches, so the maximum over a stage's
+        ranks is the role's)."""
+        if not self.experts_span_replicas:
+            return 0
+        most = torch.tensor([count])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.pgc.tp_dp_cp)
+        return int(most.item()) - count
+
+    def _token_logprobs(self, micro_batches: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
         def keep(mb, lp, ent, logits):
             return lp.new_zeros(()), {"logprobs": lp}
 
-        self.module.eval()
         outputs = self.forward_backward(micro_batches, keep, temperature=temperature, forward_only=True,
                                         with_entropy=False)
         results = [o["logprobs"][:, :mb["tokens"].shape[1]] for o, mb in zip(outputs, micro_batches)  # no FP8 pad
@@ -222,6 +241,13 @@ class ParallelModel:
             for r in results:
                 dist.broadcast(r, src=last, group=self.pgc.pp)
         return results
+
+
+_LOCKSTEP = "lockstep"
+
+
+def _lockstep_dummy() -> MicroBatch:
+    return {"tokens": torch.zeros(1, 1, dtype=torch.long), _LOCKSTEP: torch.ones(1)}
 
 
 def adam(lr: float, **settings) -> OptimizerConfig:
@@ -283,9 +309,12 @@ class TrainableModel(ParallelModel):
         global normaliser). Megatron divides each micro-batch loss by the number of micro-batches and DDP
         averages over DP, so we scale that back: the gradient is then exactly the global sum's gradient.
         """
+        micro_batches = micro_batches + [_lockstep_dummy()] * self._lockstep_spare(len(micro_batches))
         scale = len(micro_batches) * self.pgc.dp.size()
 
         def scaled_loss(mb, lp, ent, logits):
+            if _LOCKSTEP in mb:  # no loss: it only keeps a mixture of experts' replicas in step
+                return lp.sum() * 0.0, {}
             loss, metrics = loss_fn(mb, lp, ent, logits)
             return loss * scale, metrics
 

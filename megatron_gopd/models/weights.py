@@ -1,8 +1,13 @@
-"""The HF <-> Megatron weight map of Llama-style dense decoders (Llama, Qwen2, Qwen3), as one table.
+"""The HF <-> Megatron weight map of Llama-style decoders (Llama, Qwen2, Qwen3, Qwen3-MoE), as one table.
 
 Each row names a Megatron parameter, the HF tensors it is made of, and how it is split over tensor-parallel
 ranks. Loading, the dist-checkpoint converter and the streaming exporter all walk this one table, so a new
 architecture switch is one `when=` condition, never another loop.
+
+Expert rows ("{e}" in the names) are repeated for every expert of every sparse layer. Their names carry the
+GLOBAL expert index on both sides (HF's hub names, `mlp.experts.{e}.gate_proj.weight`, and megatron's
+`mlp.experts.local_experts.{e}` as if one rank held every expert); `local_to_global_name` maps a rank's local
+experts there. Expert tensors are split over the expert-tensor-parallel group, the others over the TP group.
 """
 
 from __future__ import annotations
@@ -21,14 +26,20 @@ REPLICATED, COLUMN, ROW, QKV, GLU, VOCAB = "replicated", "column", "row", "qkv",
 
 @dataclass(frozen=True)
 class WeightEntry:
-    megatron: str  # "{i}" stands for the global layer index
+    megatron: str  # "{i}" stands for the global layer index, "{e}" for the global expert index
     hf: tuple[str, ...]
     split: str
     when: Callable[[ModelDims], bool] = lambda dims: True
+    mlp: str = "any"  # a layer row of dense layers only ("dense"), of sparse layers only ("moe"), or of all
+
+    @property
+    def is_expert(self) -> bool:
+        return "{e}" in self.megatron
 
 
 _L = "decoder.layers.{i}."
 _H = "model.layers.{i}."
+_E, _HE = _L + "mlp.experts.local_experts.{e}.", _H + "mlp.experts.{e}."
 WEIGHT_TABLE: tuple[WeightEntry, ...] = (
     WeightEntry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB),
     WeightEntry(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), REPLICATED),
@@ -47,8 +58,12 @@ WEIGHT_TABLE: tuple[WeightEntry, ...] = (
     WeightEntry(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), REPLICATED, lambda d: d.qk_norm),
     WeightEntry(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), ROW),
     WeightEntry(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), REPLICATED),
-    WeightEntry(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), GLU),
-    WeightEntry(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), ROW),
+    WeightEntry(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), GLU,
+                mlp="dense"),
+    WeightEntry(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), ROW, mlp="dense"),
+    WeightEntry(_L + "mlp.router.weight", (_H + "mlp.gate.weight",), REPLICATED, mlp="moe"),
+    WeightEntry(_E + "linear_fc1.weight", (_HE + "gate_proj.weight", _HE + "up_proj.weight"), GLU, mlp="moe"),
+    WeightEntry(_E + "linear_fc2.weight", (_HE + "down_proj.weight",), ROW, mlp="moe"),
     WeightEntry("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED),
     WeightEntry("output_layer.weight", ("lm_head.weight",), VOCAB, when=lambda d: not d.tie_word_embeddings),
 )
@@ -68,29 +83,41 @@ class ResolvedWeight:
     megatron: str
     hf: tuple[str, ...]
     layer: int | None
+    expert: int | None = None
+
+
+def _layer_has(dims: ModelDims, entry: WeightEntry, layer: int) -> bool:
+    return entry.mlp == "any" or (entry.mlp == "moe") == (layer in dims.moe_layers)
 
 
 def resolved_weights(dims: ModelDims, layers: Iterable[int] | None = None) -> list[ResolvedWeight]:
-    """Every weight of the model (or of the given global layers plus the non-layer weights), in a fixed order."""
+    """Every weight of the model (or of the given global layers plus the non-layer weights), in a fixed order:
+    table order, then layer, then expert."""
     layers = range(dims.num_layers) if layers is None else layers
     out = []
     for entry in WEIGHT_TABLE:
         if not entry.when(dims):
             continue
-        if "{i}" in entry.megatron:
-            out += [
-                ResolvedWeight(entry, entry.megatron.format(i=i), tuple(h.format(i=i) for h in entry.hf), i)
-                for i in layers
-            ]
-        else:
+        if "{i}" not in entry.megatron:
             out.append(ResolvedWeight(entry, entry.megatron, entry.hf, None))
+            continue
+        for i in layers:
+            if not _layer_has(dims, entry, i):
+                continue
+            for e in range(dims.num_experts) if entry.is_expert else [None]:
+                names = entry.megatron.format(i=i, e=e), tuple(h.format(i=i, e=e) for h in entry.hf)
+                out.append(ResolvedWeight(entry, *names, i, e))
     return out
 
 
 def hf_shapes(dims: ModelDims, weight: ResolvedWeight) -> list[tuple[int, ...]]:
     """The HF tensor shapes of a weight, known from the config alone (so receivers can preallocate)."""
     h, d = dims.hidden_size, dims.head_dim
+    if weight.entry.is_expert:
+        i = dims.moe_ffn_hidden_size
+        return [(h, i) if name.endswith("down_proj.weight") else (i, h) for name in weight.hf]
     by_name = {
+        "mlp.gate.weight": (dims.num_experts, h),
         "embed_tokens": (dims.vocab_size, h),
         "lm_head": (dims.vocab_size, h),
         "q_proj.weight": (dims.num_heads * d, h),
@@ -173,13 +200,17 @@ def to_hf_tensors(dims: ModelDims, weight: ResolvedWeight, shards: list[torch.Te
     raise AssertionError(split)
 
 
-# ---- naming of a live (possibly pipeline-split, possibly TE) model ----------------------------------------
+# ---- naming of a live (possibly pipeline-split, expert-parallel, TE) model ----------------------------------
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+# Transformer Engine's grouped GEMM holds a layer's local experts as weight0, weight1, ... of one module.
+_TE_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 
-def local_to_global_name(local_name: str, layer_offset: int) -> str:
-    """Local parameter name of a pipeline stage -> the table's global name (TE names folded to local ones)."""
+def local_to_global_name(local_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """Local parameter name of a pipeline stage -> the table's global name (TE names folded to local ones).
+    `expert_offset` is the global index of this rank's first local expert."""
     match = _LAYER.match(local_name)
     if not match:
         return local_name
@@ -187,4 +218,8 @@ def local_to_global_name(local_name: str, layer_offset: int) -> str:
     for local, te in TE_ALIASES.items():
         if rest == te:
             rest = local
+    if grouped := _TE_GROUPED_EXPERT.match(rest):
+        rest = f"mlp.experts.local_experts.{grouped.group(2)}.{grouped.group(1)}.weight"
+    if expert := _LOCAL_EXPERT.match(rest):
+        rest = f"mlp.experts.local_experts.{int(expert.group(1)) + expert_offset}.{expert.group(2)}"
     return f"decoder.layers.{int(match.group(1)) + layer_offset}.{rest}"

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from megatron_gopd.models.hf_io import hub_parameters
 from megatron_gopd.rollout.base import Sample, SamplingParams, WeightStream
 
 
@@ -53,7 +54,7 @@ class HFRolloutEngine:
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
-        self._params = dict(self.model.state_dict(keep_vars=True))
+        self._params = hub_parameters(self.model)  # the exporter's (hub) names: per-expert views of fused MoE tensors
         # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.x
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
@@ -76,7 +77,7 @@ class HFRolloutEngine:
                 raise KeyError(f"weight {name!r} from the student has no counterpart in the rollout model")
             self._params[name].data.copy_(tensor)
             seen.add(name)
-        missing = set(self.model.state_dict()) - seen
+        missing = set(self._params) - seen
         if self.model.config.tie_word_embeddings:
             missing.discard("lm_head.weight")
         if missing:

@@ -29,7 +29,15 @@ class _NoOpStream:
         pass
 
     def record_event(self, *args, **kwargs):
-        return None
+        return _NoOpEvent()
+
+
+class _NoOpEvent:
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
 
 
 class _CudaFactoryToCpu(TorchFunctionMode):
@@ -94,9 +102,11 @@ def _patch_causal_mask():
 
 def _patch_streams():
     # DDP's grad-sync start calls torch.cuda.current_stream() unconditionally (0.19), and pipeline p2p may call
-    # torch.cuda.synchronize().
+    # torch.cuda.synchronize(). The MoE all-to-all token dispatcher creates a side stream for its device-to-host
+    # copies of the split sizes and waits on an event it records there.
     torch.cuda.current_stream = lambda device=None: _NoOpStream()
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.Stream = _NoOpStream
 
 
 def _patch_tensor_type():
@@ -113,9 +123,36 @@ def _patch_tensor_type():
     torch.Tensor.type = tensor_type
 
 
+def _patch_moe_split_sizes():
+    # The MoE all-to-all dispatcher computes its per-rank split sizes as device tensors and turns them into
+    # numpy arrays while copying them to the host; a CPU tensor is returned as it is, which torch's
+    # all_to_all_single rejects (it takes a sequence of ints). Give CPU tensors the same numpy form.
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def move_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
+
+
+def _patch_router_gemm_without_te():
+    # megatron-core 0.16's MoE router gating tests `te_general_gemm is not None`, a name it binds only when
+    # Transformer Engine imports: without TE every MoE forward raises NameError. None selects its torch.mm path.
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply_if_needed() -> bool:
-    """Apply every shim when CUDA is absent. Returns True when the shims are active. Idempotent."""
+    """Apply every shim when CUDA is absent (the TE-symbol one whenever TE is). Returns True when the CPU shims
+    are active. Idempotent."""
     global _applied
+    _patch_router_gemm_without_te()
     if torch.cuda.is_available():
         return False
     if not _applied:
@@ -124,6 +161,7 @@ def apply_if_needed() -> bool:
         _patch_causal_mask()
         _patch_streams()
         _patch_tensor_type()
+        _patch_moe_split_sizes()
         _CudaFactoryToCpu().__enter__()  # stays active for the life of the process
         _applied = True
     return True

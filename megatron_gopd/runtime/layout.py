@@ -7,6 +7,10 @@ groups (it runs between the student's phases, so sharing the groups is safe).
 Every group comes from megatron-core's HyperCommGrid with a rank offset, and reaches the models through a
 ProcessGroupCollection, so no collective of one role ever spans another role's ranks. We never call
 `parallel_state.initialize_model_parallel`: it would build DP groups that mix students and teachers.
+
+Expert parallelism, as in megatron: the same ranks of a role are also laid out as an expert grid, expert-TP x EP
+x expert-DP x PP (etp * ep * edp = tp * dp per stage), so the experts of a sparse layer are spread over `ep`
+ranks that hold different data (ep from dp) or the same data (ep from tp, with etp = tp / ep).
 """
 
 from __future__ import annotations
@@ -53,15 +57,41 @@ _GRID_GROUPS = {
 }
 
 
+def experts_within_replica(tp: int, ep: int, etp: int | None = None) -> bool:
+    """Whether each expert-parallel group lies inside one DP replica (ep from tp): then replicas run
+    independently; otherwise every forward is collective over the replicas of an expert group."""
+    return tp % ((tp if etp is None else etp) * ep) == 0
+
+
+# The expert grid's order (megatron's expert rank generator): tp-ep-dp-pp.
+_EXPERT_DIMS = ["tp", "ep", "dp", "pp"]
+_EXPERT_GROUPS = {"ep": "ep", "expt_tp": "tp", "expt_dp": "dp", "tp_ep": ["tp", "ep"], "tp_ep_pp": ["tp", "ep", "pp"]}
+
+
 @dataclass(frozen=True)
 class ParallelShape:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1  # expert parallel: the ranks a sparse layer's experts are spread over
+    etp: int | None = None  # expert tensor parallel; None: tp (megatron's default)
+
+    def __post_init__(self):
+        if (self.tp * self.dp) % (self.expert_tp * self.ep):
+            raise ValueError(f"etp={self.expert_tp} x ep={self.ep} must divide tp={self.tp} x dp={self.dp} (the "
+                             "ranks of a pipeline stage)")
 
     @property
     def size(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def experts_within_replica(self) -> bool:
+        return experts_within_replica(self.tp, self.ep, self.etp)
 
 
 @dataclass
@@ -117,14 +147,19 @@ def _build_role(name: str, shape: ParallelShape, first_rank: int, timeout: timed
         [sorted({r[0], r[-1]}) for r in pp_enum], timeout=timeout
     )
     groups["pos_embd"], _ = dist.new_subgroups_by_enumeration([[r[0]] for r in pp_enum], timeout=timeout)
+    # Without expert parallelism the expert groups are the dense ones (an always-present expt_dp matters: left
+    # empty, DDP would call new_group() on this rank alone and desync the counter).
+    groups.update(expt_tp=groups["tp"], expt_dp=groups["dp"])
+    if shape.ep > 1 or shape.expert_tp != shape.tp:
+        edp = shape.tp * shape.dp // (shape.expert_tp * shape.ep)
+        experts = HyperCommGrid([shape.expert_tp, shape.ep, edp, shape.pp], _EXPERT_DIMS, rank_offset=first_rank)
+        groups.update({key: experts.create_pg(dims, timeout=timeout) for key, dims in _EXPERT_GROUPS.items()})
     if dist.get_rank() not in range(first_rank, first_rank + shape.size):
         return RoleGroups(name, shape, first_rank)
     pgc = ProcessGroupCollection(
         **groups,
-        expt_tp=groups["tp"],
-        expt_dp=groups["dp"],  # left empty, DDP would call new_group() on this rank alone and desync the counter
         intra_dp_cp=groups["dp_cp"],
-        intra_expt_dp=groups["dp"],
+        intra_expt_dp=groups["expt_dp"],
         intra_dist_opt=world,  # one optimizer instance per role: grad-norm statistics span the whole role
     )
     return RoleGroups(name, shape, first_rank, pgc=pgc, world=world)

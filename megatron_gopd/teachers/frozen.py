@@ -62,7 +62,7 @@ class FrozenModel(ParallelModel):
 def tokenizer_fingerprint(model_path: str) -> tuple[int, str]:
     """(padded vocab size, hash of the token -> id map) of a model checkpoint's tokenizer. Reads only the
     tokenizer and config.json's vocab_size, so that a teacher served by SGLang may be of an architecture this
-    trainer cannot build (e.g. qwen3_moe)."""
+    trainer cannot build (e.g. qwen2_moe)."""
     from transformers import AutoTokenizer
 
     hf_dir = Path(model_path) / "hf" if (Path(model_path) / "hf").is_dir() else Path(model_path)

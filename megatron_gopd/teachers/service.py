@@ -84,7 +84,9 @@ class ColocatedScorer:
 
     def collect(self) -> dict[int, torch.Tensor]:
         rows, self._pending = self._pending, {}
-        scores = self.model.score(list(rows.values()), self.temperature) if rows else []
+        # a mixture of experts spread over replicas forwards in lockstep with them, with rows or without
+        scores = self.model.score(list(rows.values()), self.temperature) \
+            if rows or self.model.experts_span_replicas else []
         self.model.offload()  # on GPU, parked in host memory until the next step needs it
         return dict(zip(rows, scores))
 

@@ -1,5 +1,5 @@
-"""The streaming exporter on a TP x PP model: the HF state dict comes back bit-exact, in bounded buckets, on the
-replica's (tp=0, pp=0) rank, or on every first-stage TP rank (tp_receivers)."""
+"""The streaming exporter on a TP x PP (x EP) model: the HF state dict comes back bit-exact, in bounded buckets, on
+the replica's (tp=0, pp=0) rank, or on every first-stage TP rank (tp_receivers)."""
 
 import argparse
 import json
@@ -17,6 +17,7 @@ init_distributed()
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import HFWeights, build_model, load_hf_weights
 from megatron_gopd.models.export import ExportStats, export_hf_weights
+from megatron_gopd.models.hf_io import hub_state_dict
 from megatron_gopd.runtime.layout import ParallelShape, build_layout
 from tests.tiny import tiny_hf_model
 
@@ -24,19 +25,23 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--tp", type=int, default=1)
 parser.add_argument("--pp", type=int, default=1)
+parser.add_argument("--ep", type=int, default=1)
+parser.add_argument("--etp", type=int, default=None)
 parser.add_argument("--bucket-bytes", type=int, default=64 << 10)
+parser.add_argument("--archs", default="llama,qwen2,qwen3,qwen3_tied")
 args = parser.parse_args()
 
-layout = build_layout(ParallelShape(args.tp, args.pp, dist.get_world_size() // (args.tp * args.pp)))
+layout = build_layout(ParallelShape(args.tp, args.pp, dist.get_world_size() // (args.tp * args.pp), args.ep, args.etp))
 results = {}
-for arch in ["llama", "qwen2", "qwen3", "qwen3_tied"]:
+for arch in args.archs.split(","):
     hf = tiny_hf_model(arch, seed=5)
     dims = ModelDims.from_hf(hf.config)
     gpt = build_model(dims, layout.student.pgc)
-    load_hf_weights(gpt, dims, HFWeights(hf.state_dict()))
+    state = hub_state_dict(hf)
+    load_hf_weights(gpt, dims, HFWeights(state))
     stats = ExportStats()
     exported = {name: t.clone() for name, t in export_hf_weights(gpt, dims, bucket_bytes=args.bucket_bytes, stats=stats)}
-    expected = {k: v for k, v in hf.state_dict().items() if not (dims.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {k: v for k, v in state.items() if not (dims.tie_word_embeddings and k == "lm_head.weight")}
     entry = {"peak_bytes": stats.peak_bytes, "largest_weight_bytes": max(v.numel() * 4 for v in expected.values())}
     if exported:  # the replica's receiving rank
         entry.update(
