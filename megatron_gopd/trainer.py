@@ -75,7 +75,7 @@ class Trainer:
                 self.add_scores(batch)
             metrics = self.prepare(batch)  # the objective's per-row values, the NaN guard
             with s.logger.phase("update"):
-                metrics |= self.update(batch)
+                metrics |= self.update(batch) | s.student.expert_metrics()
             with s.logger.phase("weight_sync"):
                 s.rollout.sync_weights()
             self.state.step += 1

@@ -28,11 +28,10 @@ from megatron_gopd.runtime.distributed import init_distributed  # noqa: E402
 init_distributed()
 
 from bench.common import VOCAB, timed  # noqa: E402
-from megatron_gopd.config import OptimConfig  # noqa: E402
 from megatron_gopd.models.architectures import ModelDims  # noqa: E402
 from megatron_gopd.models.builder import build_model  # noqa: E402
 from megatron_gopd.models.expert_load import ExpertLoad  # noqa: E402
-from megatron_gopd.models.parallel_model import TrainableModel  # noqa: E402
+from megatron_gopd.models.parallel_model import TrainableModel, adam  # noqa: E402
 from megatron_gopd.runtime.layout import ParallelShape, build_layout  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -80,7 +79,7 @@ for name, config in configs.items():
         total = torch.tensor([local - expert + experts_all.item(), experts_all.item()], dtype=torch.float64)
     params, expert_params = total.tolist()
     active = params - expert_params * (1 - args.topk / args.experts) if dims.is_moe else params
-    models[name] = TrainableModel(gpt, dims, OptimConfig(lr=1e-4), layout.student.world, total_steps=100)
+    models[name] = TrainableModel(gpt, dims, adam(1e-4), layout.student.world)
     loads[name] = ExpertLoad(gpt) if dims.is_moe else None
     result["models"][name] = {"params": params, "active_params": active, "cpu": [], "wall": []}
 

@@ -34,6 +34,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron_gopd.algo.logprobs import token_logprobs_and_entropy
 from megatron_gopd.metrics import merge_metrics, reduce_metrics
 from megatron_gopd.models.architectures import ModelDims
+from megatron_gopd.models.expert_load import ExpertLoad
 from megatron_gopd.models.packing import ROW_BOUNDS, packed_positions, packed_seq_params, row_starts
 from megatron_gopd.runtime.distributed import collectives_scoped_to, computed_on, device
 
@@ -296,6 +297,7 @@ class TrainableModel(ParallelModel):
             wd_incr_steps=schedule.decay_steps, wd_incr_style="constant",
         )
         self._offloaded = False
+        self.expert_load = ExpertLoad(gpt) if dims.is_moe else None
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
@@ -334,6 +336,11 @@ class TrainableModel(ParallelModel):
             self.scheduler.step(increment=1)
         return metrics, {"grad_norm": float(grad_norm or 0.0), "update_ok": bool(update_ok),
                          "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def expert_metrics(self) -> dict[str, float]:
+        """A mixture of experts' tokens per expert, their imbalance and the router's aux loss since the last call
+        (collective over the role: call it on every rank, once per step); nothing for a dense model."""
+        return self.expert_load.metrics() if self.expert_load is not None else {}
 
     def release_memory(self, offload: bool) -> None:
         """Hands the GPU to the co-located rollout engine between steps: with `offload`, the optimizer state (and
