@@ -12,6 +12,8 @@ prints the same markdown. Sections:
   growth     6. step time and peak memory against the response length (bench_growth.py)
   gpu        7. train-step MFU at ~1.3B, TE/FP8 when installed, rollout tok/s, sync GB/s (bench/dist/gpu_suite.py);
              without CUDA, its --smoke form (a tiny model on the CPU: the code runs, no figures).
+  batching   9. one update step of long-tailed rows: padded to the step's longest, a token budget, packed
+             (bench_batching.py)
   moe        8. a mixture-of-experts student step against a dense one of the same active parameters, world 1
              and EP=2 (bench_moe.py; reported, no target)
 --quick keeps the suite well under 10 minutes on 2 cores; the full size repeats more and adds sizes; --size smoke
@@ -32,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import (
+    bench_batching,
     bench_growth,
     bench_logprobs,
     bench_moe,
@@ -51,7 +54,7 @@ from bench.common import (
     verdict,
 )
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "gpu", "moe")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe")
 
 
 def _gpu(size: str) -> dict:
@@ -74,6 +77,7 @@ RUNNERS = {
     "teachers": bench_teachers.run,
     "overlap": bench_teachers.run_overlap,
     "growth": bench_growth.run,
+    "batching": bench_batching.run,
     "moe": bench_moe.run,
     "gpu": _gpu,
 }
@@ -124,12 +128,14 @@ MARKDOWN = {
     "teachers": bench_teachers.to_markdown,
     "overlap": bench_teachers.overlap_markdown,
     "growth": bench_growth.to_markdown,
+    "batching": bench_batching.to_markdown,
     "moe": bench_moe.to_markdown,
     "gpu": _gpu_markdown,
 }
 TITLES = {"logprobs": "1. Log-prob and entropy kernel", "rollout": "2. Rollout engine and weight sync",
           "opd": "3. End-to-end OPD step against TRL", "teachers": "4. Teacher scaling",
           "overlap": "5. Streaming overlap", "growth": "6. Growth with the response length", "gpu": "7. GPU suite",
+          "batching": "9. Batching long-tailed rows",
           "moe": "8. Mixture of experts"}
 
 
@@ -181,6 +187,15 @@ def headline(results: dict) -> list[list]:
                       f"x{last['time_per_token_vs_first']:.1f} time, x{last['memory_per_token_vs_first']:.1f} "
                       f"memory at {last['length']}"),
                      f"near-linear (R^2 >= {bench_growth.LINEAR_R2})", verdict(g["meets_target"])])
+    if "batching" in results:
+        b = results["batching"]
+        for layout, speedup in b["speedup_vs_pad_to_max"].items():
+            rows.append([f"9. batching, {layout} vs padding to the step's longest row",
+                         f"padded {b['padded_fraction'][layout]:.1%} (pad_to_max "
+                         f"{b['padded_fraction']['pad_to_max']:.1%}), update {speedup:.2f}x faster",
+                         f"<= {bench_batching.PADDED_TARGET:.0%}, >= {bench_batching.SPEEDUP_TARGET}x",
+                         verdict(b["padded_fraction"][layout] <= bench_batching.PADDED_TARGET
+                                 and speedup >= bench_batching.SPEEDUP_TARGET)])
     if "gpu" in results:
         gpu = results["gpu"]
         ran = (f"not run: no CUDA device (unverified); --smoke on CPU: {_gpu_errors(gpu)} errors" if gpu["smoke"]

@@ -137,6 +137,15 @@ class ParallelModel:
     def is_last_stage(self) -> bool:
         return self.pgc.pp.rank() == self.pgc.pp.size() - 1
 
+    @property
+    def experts_span_replicas(self) -> bool:
+        """Whether this mixture of experts spreads a layer's experts over DP replicas (ep taken from dp). Then
+        every forward is collective over those replicas (the token all-to-all), so they must run the same number
+        of forwards, even a replica with nothing to do."""
+        pgc = self.pgc
+        return self.dims.is_moe and not set(dist.get_process_group_ranks(pgc.tp_ep)) <= set(
+            dist.get_process_group_ranks(pgc.mp))
+
     def forward_backward(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *, temperature: float,
                          forward_only: bool, with_entropy: bool = True) -> list[dict]:
         """Runs megatron's schedule over the micro-batches (of any shapes: at PP > 1 the stages exchange each
