@@ -64,9 +64,11 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return {m["step"]: {k: v for k, v in m.items() if not k.startswith(VOLATILE)} for m in lines}
 
 
-def close(a: dict, b: dict, rel: float = 1e-5) -> list[str]:
+def close(a: dict, b: dict, rel: float = 1e-5, ignore: tuple[str, ...] = ()) -> list[str]:
     """The metric names whose values differ between two steps' metrics by more than `rel` (relative, with an
-    absolute floor of `rel` for values near zero), or that only one of them has."""
+    absolute floor of `rel` for values near zero), or that only one of them has; names starting with `ignore`
+    are not compared."""
+    a, b = ({k: v for k, v in m.items() if not k.startswith(ignore)} for m in (a, b))
     bad = sorted(set(a) ^ set(b))
     for key in set(a) & set(b):
         x, y = a[key], b[key]

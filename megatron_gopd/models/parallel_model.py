@@ -158,6 +158,8 @@ class ParallelModel:
         micro_batches = [pad_tokens(mb, fp8_padded_length(mb["tokens"].shape[1], config)) for mb in micro_batches]
         batch, seq = micro_batches[0]["tokens"].shape
         target = device()
+        if any(ROW_BOUNDS in mb for mb in micro_batches):  # on every rank, before any stage waits for another
+            self._check_packing_supported()
 
         def forward_step(data_iterator, model):
             host = next(data_iterator)
@@ -196,7 +198,6 @@ class ParallelModel:
         if ROW_BOUNDS not in host:
             positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
             return model(tokens, positions, None), None
-        self._check_packing_supported()
         packing = packed_seq_params(host[ROW_BOUNDS], s, tokens.device)
         positions = packed_positions(packing.cu_seqlens_q, s)
         return model(tokens, positions, None, packed_seq_params=packing), row_starts(packing.cu_seqlens_q, s)
@@ -206,6 +207,8 @@ class ParallelModel:
         """This rank's vocab shard of the logits of a micro-batch whose tensors are on the model's device (a
         single-stage model: the full-vocabulary loss reads a colocated teacher's logits inside the student's)."""
         host = {ROW_BOUNDS: mb[ROW_BOUNDS].cpu()} if ROW_BOUNDS in mb else {}
+        if host:
+            self._check_packing_supported()
         return self._forward(self.gpt, host, mb["tokens"])[0]
 
     def _check_packing_supported(self) -> None:
