@@ -235,7 +235,9 @@ def transformer_config(
         # Micro-batches of one schedule differ in shape (a teacher scores only its domain's rows; rows are padded
         # per micro-batch), so pipeline stages exchange each activation's shape before the activation.
         variable_seq_lengths=pp > 1,
-        moe_token_dispatcher_type="alltoall",  # the one megatron allows with variable lengths (unused by dense)
+        # all_to_all_single with uneven splits (NCCL and gloo alike), and the one dispatcher megatron allows with
+        # variable lengths; unused by dense models
+        moe_token_dispatcher_type="alltoall",
         fp8=fp8,
         fp8_recipe=fp8_recipe,
     )
@@ -255,7 +257,6 @@ def _moe_config(dims: ModelDims, ep: int, etp: int | None, aux_loss_coef: float,
         # off (0) by default: distillation follows the teacher, not a load target.
         moe_router_load_balancing_type="aux_loss" if aux_loss_coef > 0 else "none",
         moe_aux_loss_coeff=aux_loss_coef,
-        moe_token_dispatcher_type="alltoall",  # all_to_all_single with uneven splits: NCCL and gloo alike
         moe_grouped_gemm=grouped_gemm,  # Transformer Engine's grouped GEMM; per-expert MLPs otherwise
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
