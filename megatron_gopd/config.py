@@ -95,6 +95,13 @@ class AlgoConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["hf", "sglang"] = "hf"  # transformers | SGLang (GPU)
+    # colocated: an engine on each student replica's leader, sharing its devices; dedicated: `engines` ranks of
+    # their own, after every other role's, fed the weights after each update
+    placement: Literal["colocated", "dedicated"] = "colocated"
+    engines: int = 1
+    # dedicated: how many steps the rollout may run ahead of the update (0: on-policy, as colocated; 1: the rollout
+    # of step k+1 overlaps the update of step k, its samples one update old)
+    max_staleness: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -242,7 +249,10 @@ def _apply_override(data: dict, item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"{item}: overrides are dotted key=value pairs, e.g. algo.lam=1.25")
-    value = yaml.safe_load(raw) if raw.strip() else raw  # OmegaConf's dotlist grammar: YAML scalars and lists
+    try:  # as OmegaConf's dotlists: YAML scalars and lists, anything else as the text it is
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
     node, parts = data, key.split(".")
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
@@ -325,6 +335,11 @@ def validate(config: RunConfig) -> None:
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     _require(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     _require(r.chunk_size >= 1, "rollout.chunk_size", "must be >= 1")
+    _require(r.engines >= 1, "rollout.engines", "must be >= 1")
+    _require(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+    _require(r.max_staleness == 0 or r.placement == "dedicated", "rollout.max_staleness",
+             "a colocated engine shares the student's devices, so it cannot generate while the student trains; "
+             "use rollout.placement=dedicated")
     if r.engine_tp is not None:
         _require(r.engine_tp in (1, config.student.parallel.tp), "rollout.engine_tp",
                  f"must be 1 or student.parallel.tp ({config.student.parallel.tp}), got {r.engine_tp}")

@@ -4,6 +4,8 @@ group exists, what the config alone cannot: the objective's own rules, the world
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,9 @@ from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import DTYPES, build_model
 from megatron_gopd.models.parallel_model import LRSchedule, TrainableModel, adam
 from megatron_gopd.rollout.base import SamplingParams
-from megatron_gopd.rollout.colocated import ColocatedRollout, build_rollout
+from megatron_gopd.rollout.build import build_rollout, make_engine
+from megatron_gopd.rollout.colocated import ColocatedRollout
+from megatron_gopd.rollout.dedicated import DedicatedRollout, serve_rollout
 from megatron_gopd.runtime.distributed import computed_on
 from megatron_gopd.runtime.layout import ParallelShape, RoleLayout, build_layout, experts_within_replica
 from megatron_gopd.teachers.frozen import FrozenModel, check_same_tokenizer
@@ -67,11 +71,16 @@ def check_run(cfg: RunConfig, world_size: int | None, *, files: bool = True) -> 
     if world_size is not None:
         student, d = cfg.student.parallel, cfg.data
         dedicated = sum(s.parallel.tp * s.parallel.pp * s.dp for s in models.values() if s.placement == "dedicated")
-        student_ranks, per_replica = world_size - dedicated, student.tp * student.pp
+        engines = cfg.rollout.engines if cfg.rollout.placement == "dedicated" else 0
+        student_ranks, per_replica = world_size - dedicated - engines, student.tp * student.pp
         if student_ranks < per_replica or student_ranks % per_replica:
             raise ConfigError(f"student.parallel: world size {world_size} minus {dedicated} dedicated frozen-model "
-                              f"ranks leaves {student_ranks} student ranks, not a multiple of tp*pp={per_replica}")
+                              f"ranks{f' and {engines} rollout engine ranks' if engines else ''} leaves "
+                              f"{student_ranks} student ranks, not a multiple of tp*pp={per_replica}")
         dp, experts = student_ranks // per_replica, (student.etp or student.tp) * student.ep
+        if engines > dp:
+            raise ConfigError(f"rollout.engines: {engines} dedicated engines for {dp} student replicas; each engine "
+                              "serves whole replicas, so there can be at most one per replica")
         if (student.tp * dp) % experts:
             raise ConfigError(f"student.parallel.ep: etp*ep = {experts} must divide the tp*dp = {student.tp * dp} "
                               "ranks of a pipeline stage")
@@ -118,10 +127,38 @@ def _check_files(cfg: RunConfig, models: dict[str, FrozenModelConfig]) -> None:
                               "cannot")
     if not cfg.data.train:
         raise ConfigError("data.train: no training data given")
+    _check_output_dir(cfg)
     for key, paths in [("data.train", cfg.data.train), ("data.eval", cfg.data.eval)]:
         for p in paths:  # a name without a path or a data suffix may be a datasets hub name
             if not Path(p).exists() and ("/" in p or p.endswith((".jsonl", ".json", ".parquet"))):
                 raise ConfigError(f"{key}: no such file or directory {p}")
+
+
+def _check_output_dir(cfg: RunConfig) -> None:
+    """The run's directory takes files, and has room for the checkpoints, before the first step rather than at
+    the first save: a checkpoint is about the student's weights plus Adam's state (two fp32 moments, and fp32
+    master weights for bf16: 12 bytes per parameter in fp32, 14 in bf16), and a save needs room for one more than
+    it keeps."""
+    out = Path(cfg.train.output_dir)
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: cannot write to {out}: {e}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    stored = sum(f.stat().st_size for f in (Path(cfg.student.path) / "dist").glob("*") if f.is_file())
+    params = stored / (2 if checkpoint.read_checkpoint_metadata(cfg.student.path)["dtype"] == "bf16" else 4)
+    needed = params * (14 if cfg.student.dtype == "bf16" else 12) * (cfg.checkpoint.keep_last + 1)
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise ConfigError(f"train.output_dir: {out} has {free / 2**30:.2f} GiB free, but {cfg.checkpoint.keep_last} "
+                          f"kept checkpoints and the one being written need about {needed / 2**30:.2f} GiB; free space "
+                          "or lower checkpoint.keep_last")
 
 
 def make_layout(cfg: RunConfig) -> RoleLayout:
@@ -129,12 +166,12 @@ def make_layout(cfg: RunConfig) -> RoleLayout:
     models = frozen_models(cfg)
     dedicated = {name: ParallelShape(s.parallel.tp, s.parallel.pp, s.dp, s.parallel.ep, s.parallel.etp)
                  for name, s in models.items() if s.placement == "dedicated"}
-    sp = cfg.student.parallel
-    dp = (dist.get_world_size() - sum(s.size for s in dedicated.values())) // (sp.tp * sp.pp)
+    sp, engines = cfg.student.parallel, cfg.rollout.engines if cfg.rollout.placement == "dedicated" else 0
+    dp = (dist.get_world_size() - sum(s.size for s in dedicated.values()) - engines) // (sp.tp * sp.pp)
     student = ParallelShape(sp.tp, sp.pp, dp, sp.ep, sp.etp)
     on_ranks = [name for name, s in models.items() if s.placement != "sglang"]  # servers hold no ranks
     return build_layout(student, {name: (dedicated.get(name, student), name in dedicated) for name in on_ranks},
-                        timeout_s=cfg.faults.exchange_timeout_s)
+                        timeout_s=cfg.faults.exchange_timeout_s, rollout_engines=engines)
 
 
 def batching(cfg: RunConfig) -> Batching:
@@ -149,7 +186,7 @@ class Session:
     student: TrainableModel
     objective: Objective
     scoring: Scoring
-    rollout: ColocatedRollout
+    rollout: ColocatedRollout | DedicatedRollout
     dataset: PromptDataset
     sampler: PromptSampler
     eval_items: list[PromptItem]
@@ -176,13 +213,14 @@ class Session:
     def checkpointer(self, states: dict[str, checkpoint.Stateful]) -> checkpoint.TrainingCheckpointer:
         cfg = self.config
         return checkpoint.TrainingCheckpointer(
-            Path(cfg.train.output_dir) / "checkpoints", self.student, {**states, "sampler": self.sampler},
+            Path(cfg.train.output_dir) / "checkpoints", self.student,
+            {**states, "data": self.dataset},
             group=self.layout.student.world, keep_last=cfg.checkpoint.keep_last,
             hf_dir=Path(cfg.student.path) / "hf")
 
     def shutdown(self) -> None:
         self.scoring.shutdown()
-        self.rollout.sleep()
+        self.rollout.shutdown()
         self.logger.close()
 
 
@@ -192,6 +230,10 @@ def build_session(cfg: RunConfig) -> Session | None:
     role = layout.role_of(dist.get_rank())
     models = frozen_models(cfg)
     student_batching = batching(cfg)
+    if role == "rollout":  # a dedicated rollout engine: serve, then leave
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        serve_rollout(make_engine(cfg), layout, chunk_rows=cfg.rollout.chunk_size)
+        return None
     if role != "student":  # a dedicated teacher or reference: serve, then leave
         section = models[role]
         model = FrozenModel(role, section.path or cfg.student.path, layout.frozen[role], dtype=section.dtype,
@@ -251,7 +293,7 @@ def build_session(cfg: RunConfig) -> Session | None:
         return computed_on(pgc.mp, lambda: [float(r.correct) for r in verify_items(items, texts)])
 
     objective = kind(cfg, RunParts(tokenizer, verify, colocated, dims.vocab_size, pgc.tp))
-    return Session(cfg, layout, student, objective, scoring, build_rollout(cfg, student, gpt, dims), dataset,
+    return Session(cfg, layout, student, objective, scoring, build_rollout(cfg, student, gpt, dims, layout), dataset,
                    sampler, eval_items, tokenizer, logger)
 
 

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, overrides)
         check_run(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"config error: {e}")
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)  # as argparse does for a bad command line
 
     warnings.filterwarnings("ignore", module=r"megatron\.core")
     from megatron_gopd.runtime.distributed import init_distributed, seed_everything

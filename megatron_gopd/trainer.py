@@ -54,6 +54,7 @@ class Trainer:
         if self.checkpointer.restore(self.cfg.train.resume):
             session.logger.write(f"resumed from step {self.state.step}")
         self.first_step = self.state.step
+        self.requested = self.state.step - 1  # the last step asked of the rollout
         self.old_logprobs = resolved_old_logprobs(self.cfg) if self.objective.on_policy else None
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -61,7 +62,7 @@ class Trainer:
     def train(self) -> None:
         s, cfg = self.s, self.cfg
         s.logger.start(self.state.step)
-        s.rollout.sync_weights()
+        s.rollout.sync_weights(self.state.step)
         if cfg.eval.interval and cfg.eval.at_start and self.state.step == 0:
             s.logger.log(0, self.evaluate(), advance=False)
         while self.state.step < cfg.train.steps:
@@ -76,9 +77,9 @@ class Trainer:
             metrics = self.prepare(batch)  # the objective's per-row values, the NaN guard
             with s.logger.phase("update"):
                 metrics |= self.update(batch) | s.student.expert_metrics()
-            with s.logger.phase("weight_sync"):
-                s.rollout.sync_weights()
             self.state.step += 1
+            with s.logger.phase("weight_sync"):  # a dedicated engine may still be generating a step ahead
+                s.rollout.sync_weights(self.state.step)
             if cfg.eval.interval and self.state.step % cfg.eval.interval == 0:
                 with s.logger.phase("eval"):
                     metrics |= self.evaluate()
@@ -86,7 +87,7 @@ class Trainer:
                 metrics |= s.dataset.report.as_metrics()  # what the data loader kept and dropped, and why
             s.logger.log(self.state.step, metrics, tokens=self.tokens_per_phase(batch, metrics))
             last = self.state.step == cfg.train.steps or self._stop_agreed()
-            if last or self.state.step % cfg.checkpoint.interval == 0:
+            if last or self._saves_after(self.state.step - 1):
                 with s.logger.phase("checkpoint"):
                     self.checkpointer.save(self.state.step)
             if last:
@@ -96,8 +97,7 @@ class Trainer:
     # ---- 1. rollout: samples, streamed to their scorers, laid out in micro-batches ---------------------------
     def rollout(self, step: int) -> StepBatch:
         s, cfg, objective = self.s, self.cfg, self.objective
-        items = [item for item in s.dataset.take(s.sampler.next_indices())
-                 for _ in range(cfg.rollout.samples_per_prompt)]
+        items = self.prompts(step)
         samples: list[Sample | None] = [None] * len(items)
         ready: dict[int, tuple[list[int], list[str]]] = {}
         for row, sample in self._samples(step, items):
@@ -116,14 +116,37 @@ class Trainer:
         }) for mb in step_plan.micro_batches]
         return StepBatch(items, samples, step_plan, micro_batches)
 
+    def prompts(self, step: int) -> list[PromptItem]:
+        """This replica's rows of `step`: its prompts, each `samples_per_prompt` times."""
+        n = self.cfg.rollout.samples_per_prompt
+        return [item for item in self.s.dataset.take(self.s.sampler.indices(step)) for _ in range(n)]
+
     def _samples(self, step: int, items: list[PromptItem]):
         """(row, sample) as they finish: from the engine, or the dataset's responses (SFT)."""
         if not self.objective.on_policy:
             return enumerate(self.objective.samples(items))
+        for ahead in self._to_request(step):
+            self.s.rollout.request(ahead, [item.prompt_ids for item in self.prompts(ahead)], self._sampling(ahead))
+            self.requested = ahead
+        return self.s.rollout.results(step)
+
+    def _to_request(self, step: int) -> range:
+        """The steps to ask the rollout for now: up to `rollout.max_staleness` ahead of this one, but never past
+        the run's end or a step after which a checkpoint is written, so that nothing is in flight when it is
+        (a resumed run then continues exactly)."""
+        last = step
+        while last - step < self.cfg.rollout.max_staleness and last + 1 < self.cfg.train.steps \
+                and not self._saves_after(last):
+            last += 1
+        return range(max(self.requested + 1, step), last + 1)
+
+    def _saves_after(self, step: int) -> bool:
+        return (step + 1) % self.cfg.checkpoint.interval == 0 or step + 1 == self.cfg.train.steps
+
+    def _sampling(self, step: int):
         # a seed per (run, step, replica): a resumed run draws the very same samples
         seed = zlib.crc32(f"{self.cfg.train.seed}/{step}/{self.s.dp.rank()}".encode())
-        params = dataclasses.replace(self.s.sampling, seed=seed)
-        return self.s.rollout.generate_iter([item.prompt_ids for item in items], params)
+        return dataclasses.replace(self.s.sampling, seed=seed)
 
     # ---- 2-3. log-probs of the old policy, the teachers and the reference -----------------------------------
     def add_old_logprobs(self, batch: StepBatch) -> None:
@@ -159,8 +182,10 @@ class Trainer:
             dropped += int(bad_rows.sum())
         batch.dropped = _sum_over(dropped, self.s.dp) / _sum_over(len(batch.items), self.s.dp)
         lengths = [len(sample.response_ids) for sample in batch.samples]
+        staleness = sum(self.state.step - x.meta.get("version", self.state.step) for x in batch.samples)
         metrics = merge_metrics(metrics, response_metrics(lengths, [x.finish_reason for x in batch.samples]),
                                 {"faults/dropped_samples": Stat.total_of(dropped),
+                                 "rollout/staleness": Stat.mean_of(staleness, len(batch.samples)),
                                  "batching/over_budget_rows": Stat.total_of(batch.plan.over_budget),
                                  "batching/micro_batches": Stat.total_of(len(batch.micro_batches))})
         return reduce_metrics(metrics, self.s.dp)
@@ -213,9 +238,8 @@ class Trainer:
         s, cfg = self.s, self.cfg
         items = s.eval_items[s.dp.rank()::s.dp.size()]
         params = dataclasses.replace(s.sampling, temperature=cfg.eval.temperature, seed=cfg.train.seed)
-        engine = s.rollout.engine
-        records = generate_and_verify(engine.generate, items, s.decode, n=cfg.eval.n, params=params) \
-            if engine is not None else []
+        records = generate_and_verify(s.rollout.leader_generate, items, s.decode, n=cfg.eval.n, params=params) \
+            if s.rollout.is_leader else []
         gathered = [None] * s.dp.size()
         dist.all_gather_object(gathered, records, group=s.dp)
         return {f"eval/{k}": v for k, v in summarize([x for part in gathered for x in part]).items()}

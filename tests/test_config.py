@@ -110,3 +110,22 @@ def test_list_entries_are_overridden_by_index(tiny_checkpoints, tmp_path):
         with pytest.raises(ConfigError) as error:
             load(path, [override])
         assert str(error.value).startswith(message), (override, str(error.value))
+
+
+def test_an_output_dir_that_takes_no_files_or_has_no_room_fails_at_start(tiny_checkpoints, tmp_path, monkeypatch):
+    """Before any step, not at the first checkpoint: a directory that cannot be created or written (here under a
+    file; a read-only filesystem fails the same write), and one whose free space cannot hold the checkpoints."""
+    import shutil
+    from collections import namedtuple
+
+    path = write_run(tmp_path, tiny_checkpoints)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"^train.output_dir: cannot write to .*a-file/run: \[Errno 20\]"):
+        load(path, [f"train.output_dir={tmp_path / 'a-file' / 'run'}"])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 4096, 4096))
+    with pytest.raises(ConfigError, match=r"^train.output_dir: .* has 0.00 GiB free, but 2 kept checkpoints and the one "
+                                          r"being written need about 0.0\d GiB"):
+        load(path)
+    monkeypatch.undo()
+    load(path)  # and with the room it has, the same config passes

@@ -214,3 +214,15 @@ def test_a_hung_student_rank_ends_the_job_within_the_exchange_timeout(tiny_check
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and waited < 10 + 30, waited
     assert "Timed out" in output or "timed out" in output, output[-3000:]
+
+
+def test_a_data_file_changed_since_the_checkpoint_is_named_and_the_run_goes_on(tiny_checkpoints, tmp_path):
+    config = write_run(tmp_path, tiny_checkpoints, train__steps=1, eval__interval=0)
+    assert launch(config).returncode == 0
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(data.read_text() + json.dumps({"prompt": "t5 t6 t7", "domain": "math"}) + "\n")
+    resumed = launch(config, "--resume", "auto", "train.steps=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"data file {data} changed (" in resumed.stderr and "since the checkpoint; the prompt sampler resumes at "
+            "its saved position over the 49 prompts as they are now (48 then)" in resumed.stderr), resumed.stderr[-3000:]
+    assert sorted(metrics(tmp_path / "run")) == [1, 2]

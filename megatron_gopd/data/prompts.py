@@ -17,11 +17,13 @@ Without one, the plain template below is used and the tokenizer adds its usual s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -101,11 +103,30 @@ class PromptItem:
 
 
 class PromptDataset:
-    """Tokenised prompts (an Arrow-backed `datasets.Dataset`) and the report of how they were loaded."""
+    """Tokenised prompts (an Arrow-backed `datasets.Dataset`), the report of how they were loaded, and what the
+    files were (size and sha256 of each local file): its part of a training checkpoint, checked on resume."""
 
-    def __init__(self, table: datasets.Dataset, report: DataReport):
+    def __init__(self, table: datasets.Dataset, report: DataReport, files: dict[str, dict] | None = None):
         self.table = table
         self.report = report
+        self.files = files or {}
+
+    def state_dict(self) -> dict:
+        return {"files": self.files, "rows": len(self.table)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Warns, naming each file that changed since the checkpoint, and the rule: step k draws the k-th batch of
+        the prompts as they are now (PromptSampler), so which prompts come next follows the current files."""
+        saved = state["files"]
+        changed = sorted(set(saved) ^ set(self.files) | {f for f in saved if saved[f] != self.files.get(f, saved[f])})
+        for path in changed:
+            before, now = saved.get(path), self.files.get(path)
+            what = ("is new" if before is None else "is gone" if now is None else
+                    f"changed ({before['size']} -> {now['size']} bytes, sha256 {before['sha256'][:12]} -> "
+                    f"{now['sha256'][:12]})")
+            warnings.warn(f"data file {path} {what} since the checkpoint; each step draws its batch from the "
+                          f"{len(self.table)} prompts as they are now ({state['rows']} then), so the prompts that come "
+                          "next follow the current files", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -159,7 +180,8 @@ def load_prompts(
     report = DataReport()
     rows: list[dict[str, str | list]] = []
     unknown: dict[str, list[str]] = {}  # domain -> locations of its rows
-    for location, row in _read_rows(_resolve_sources(sources), split):
+    resolved = _resolve_sources(sources)
+    for location, row in _read_rows(resolved, split):
         try:
             rows.append(_normalise(row, location))
         except _RowProblem as problem:
@@ -194,7 +216,15 @@ def load_prompts(
         raise ValueError(f"no usable prompts in {sources!r}\n{report.summary()}")
     report.kept = len(table)
     report.domains.update(table["domain"])
-    return PromptDataset(table, report)
+    return PromptDataset(table, report, {f: _fingerprint(f) for f in resolved if Path(f).is_file()})
+
+
+def _fingerprint(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 def encode_prompts(conversations: Sequence[Sequence[Mapping[str, str]]], tokenizer: PreTrainedTokenizerBase,
@@ -340,12 +370,14 @@ def _messages(prompt: Any) -> list[dict[str, str]]:
 
 
 class PromptSampler:
-    """Which prompts each DP rank gets at each step; deterministic and resumable.
+    """Which prompts each DP rank gets at each step: a function of the step alone, so that a run resumes at any step
+    (and drawing ahead of training changes nothing) with no state of its own to save.
 
-    Epoch e visits the prompts in a permutation drawn from (seed, e). Step s of an epoch is the global batch
-    order[s*P:(s+1)*P] (P = prompts_per_step); DP rank r of R takes the r-th contiguous 1/R of it, so the ranks
-    are disjoint and together form the global batch. The global batches do not depend on R, so a run may resume
-    with another DP size. The last num_prompts % P prompts of each epoch's order are skipped (every step is full).
+    Epoch e = step // steps_per_epoch visits the prompts in a permutation drawn from (seed, e); step s of it is the
+    global batch order[s*P:(s+1)*P] (P = prompts_per_step), and DP rank r of R takes the r-th contiguous 1/R of it,
+    so the ranks are disjoint and together form the global batch. The global batches do not depend on R, so a run
+    may resume with another DP size. The last num_prompts % P prompts of each epoch's order are skipped (every step
+    is full).
     """
 
     def __init__(self, num_prompts: int, prompts_per_step: int, *, seed: int, dp_rank: int = 0, dp_size: int = 1,
@@ -363,45 +395,22 @@ class PromptSampler:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.num_prompts, self.prompts_per_step, self.seed, self.shuffle = num_prompts, prompts_per_step, seed, shuffle
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.epoch, self.position = 0, 0  # position: steps already taken in this epoch
         self._order_cache: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         return self.num_prompts // self.prompts_per_step
 
-    def global_batch(self) -> list[int]:
-        """All ranks' indices for the next step, without advancing."""
-        start = self.position * self.prompts_per_step
-        return self._order(self.epoch)[start:start + self.prompts_per_step].tolist()
+    def global_batch(self, step: int) -> list[int]:
+        """All ranks' prompt indices at `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * self.prompts_per_step
+        return self._order(epoch)[start:start + self.prompts_per_step].tolist()
 
-    def next_indices(self) -> list[int]:
-        """This rank's indices for the next step; advances to the step after it."""
-        batch = self.global_batch()
+    def indices(self, step: int) -> list[int]:
+        """This rank's prompt indices at `step`."""
         per_rank = self.prompts_per_step // self.dp_size
-        self.position += 1
-        if self.position == self.steps_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        return batch[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            yield self.next_indices()
-
-    def state_dict(self) -> dict[str, int | bool]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_prompts": self.num_prompts,
-                "prompts_per_step": self.prompts_per_step, "shuffle": self.shuffle}
-
-    def load_state_dict(self, state: Mapping[str, int | bool]) -> None:
-        # A mismatch would silently change which prompts the resumed run sees, so it is an error.
-        for key in ("seed", "num_prompts", "prompts_per_step", "shuffle"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume the prompt sampler: checkpoint has {key}={state[key]!r}, "
-                                 f"this run has {key}={getattr(self, key)!r}")
-        if not 0 <= state["position"] < self.steps_per_epoch or state["epoch"] < 0:
-            raise ValueError(f"bad sampler state: epoch={state['epoch']}, position={state['position']} "
-                             f"(steps_per_epoch={self.steps_per_epoch})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        return self.global_batch(step)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:

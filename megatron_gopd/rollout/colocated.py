@@ -12,16 +12,12 @@ from __future__ import annotations
 
 from typing import Iterator, Protocol
 
-from pathlib import Path
-
 from megatron.core.models.gpt import GPTModel
 
-from megatron_gopd.config import RunConfig
 from megatron_gopd.models.architectures import ModelDims
-from megatron_gopd.models.builder import DTYPES
 from megatron_gopd.models.export import export_hf_weights
 from megatron_gopd.rollout.base import RolloutEngine, Sample, SamplingParams
-from megatron_gopd.runtime.distributed import computed_on, device
+from megatron_gopd.runtime.distributed import computed_on
 
 
 class TrainerMemory(Protocol):  # models.parallel_model.TrainableModel
@@ -48,9 +44,11 @@ class ColocatedRollout:
         self.engine, self.student, self.dims, self.bucket_bytes = engine, student, dims, bucket_bytes
         self.engine_ranks, self.weight_peer = engine_ranks, weight_peer
         self.trainer, self.offload_optimizer = trainer, offload_optimizer
+        self._requests: dict[int, tuple[list[list[int]], SamplingParams]] = {}
 
-    def sync_weights(self) -> None:
-        """Streams the student's current weights into the engine (every rank of the replica takes part)."""
+    def sync_weights(self, version: int = 0) -> None:
+        """Streams the student's current weights into the engine (every rank of the replica takes part); the
+        engine draws every sample with the newest weights (`version` counts the updates they have seen)."""
         if self.trainer is not None:
             self.trainer.release_memory(offload=self.offload_optimizer)
         if self.engine is not None:
@@ -71,6 +69,17 @@ class ColocatedRollout:
         """The leader generates; the other ranks of its TP x PP group receive the same samples."""
         return computed_on(self.mp, lambda: self.engine.generate(prompts, params))
 
+    def request(self, step: int, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Remembers what `results(step)` generates: a colocated engine generates on demand, never ahead."""
+        self._requests[step] = (prompts, params)
+
+    def results(self, step: int) -> Iterator[tuple[int, Sample]]:
+        return self.generate_iter(*self._requests.pop(step))
+
+    def leader_generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """Samples for an evaluation, on the replica's leader (elsewhere nothing)."""
+        return self.engine.generate(prompts, params) if self.engine is not None else []
+
     def generate_iter(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[tuple[int, Sample]]:
         """(row, sample) as the engine finishes them (see RolloutEngine.generate_iter), on every rank of the
         leader's TP x PP group, in the leader's order: each is broadcast as it comes, then an end marker."""
@@ -84,28 +93,5 @@ class ColocatedRollout:
         if self.trainer is not None:
             self.trainer.reclaim_memory()
 
-
-def build_rollout(cfg: RunConfig, trainer: TrainerMemory, student: GPTModel, dims: ModelDims) -> ColocatedRollout:
-    """The replica's engine on its leader (transformers, or SGLang on GPU spanning `rollout.engine_tp` of the
-    first stage's TP ranks), fed from the student's weights."""
-    pgc, r = student.pg_collection, cfg.rollout
-    is_leader, ranks = pgc.mp.rank() == 0, (r.engine_tp or cfg.student.parallel.tp) if r.engine == "sglang" else 1
-    hf_dir, bucket_bytes = str(Path(cfg.student.path) / "hf"), r.sync_bucket_mb << 20
-    engine = weight_peer = None
-    if r.engine == "sglang":
-        from megatron_gopd.rollout.sglang_engine import SGLangRolloutEngine, WeightHandoff
-
-        group = pgc.tp if ranks > 1 else None
-        if is_leader:
-            engine = SGLangRolloutEngine(hf_dir, dtype="bfloat16" if cfg.student.dtype == "bf16" else "float32",
-                                         mem_fraction_static=r.sglang_mem_fraction, seed=cfg.train.seed,
-                                         bucket_bytes=bucket_bytes, tp_size=ranks, tp_group=group,
-                                         deterministic=r.sglang_deterministic)
-        elif group is not None and pgc.pp.rank() == 0:
-            weight_peer = WeightHandoff(bucket_bytes, group)
-    elif is_leader:
-        from megatron_gopd.rollout.hf_engine import HFRolloutEngine
-
-        engine = HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device(), max_batch_size=r.chunk_size)
-    return ColocatedRollout(engine, student, dims, bucket_bytes=bucket_bytes, engine_ranks=ranks,
-                            weight_peer=weight_peer, trainer=trainer, offload_optimizer=cfg.train.offload_optimizer)
+    def shutdown(self) -> None:
+        self.sleep()

@@ -118,9 +118,28 @@ class RoleGroups:
 
 
 @dataclass
+class RolloutRanks:
+    """Rollout engines on ranks of their own (one rank per engine replica), after every other role's. Student
+    replica r is served by engine r % engines; the student's first replica streams the weights to all of them over
+    `weights` (its leader and every engine rank)."""
+
+    first_rank: int
+    engines: int
+    weights: dist.ProcessGroup | None  # None on ranks outside it
+
+    @property
+    def ranks(self) -> range:
+        return range(self.first_rank, self.first_rank + self.engines)
+
+    def engine_of(self, student_replica: int) -> int:
+        return self.first_rank + student_replica % self.engines
+
+
+@dataclass
 class RoleLayout:
     student: RoleGroups
     frozen: dict[str, RoleGroups] = field(default_factory=dict)  # teacher names and "reference"
+    rollout: RolloutRanks | None = None
 
     def role_of(self, rank: int) -> str:
         if rank in self.student.ranks:
@@ -128,11 +147,9 @@ class RoleLayout:
         for name, groups in self.frozen.items():
             if rank in groups.ranks and groups.first_rank >= self.student.shape.size:
                 return name
+        if self.rollout is not None and rank in self.rollout.ranks:
+            return "rollout"
         raise ValueError(f"rank {rank} belongs to no role")
-
-    @property
-    def world_size(self) -> int:
-        return max([self.student.shape.size] + [g.first_rank + g.shape.size for g in self.frozen.values()])
 
 
 def _build_role(name: str, shape: ParallelShape, first_rank: int, timeout: timedelta) -> RoleGroups:
@@ -169,11 +186,13 @@ def build_layout(
     student: ParallelShape,
     frozen: dict[str, tuple[ParallelShape, bool]] | None = None,
     timeout_s: float = 600.0,
+    rollout_engines: int = 0,
 ) -> RoleLayout:
     """Builds the groups of every role. `frozen` maps a model name to (shape, dedicated).
 
-    Dedicated models are placed one after another, after the student's ranks, in the order given. A colocated
-    model must have the student's shape and shares its groups.
+    Dedicated models are placed one after another, after the student's ranks, in the order given, then
+    `rollout_engines` ranks of dedicated rollout engines. A colocated model must have the student's shape and
+    shares its groups.
     """
     check_megatron_version(megatron.core.__version__)
     timeout = timedelta(seconds=timeout_s)
@@ -190,10 +209,15 @@ def build_layout(
                     f"student's groups and need its shape {student}"
                 )
             layout.frozen[name] = RoleGroups(name, shape, 0, layout.student.pgc, layout.student.world)
+    if rollout_engines:
+        members = [layout.student.leader_of_dp_replica(0), *range(next_rank, next_rank + rollout_engines)]
+        weights = dist.new_group(members, timeout=timeout)  # on every rank, as every group
+        layout.rollout = RolloutRanks(next_rank, rollout_engines, weights if dist.get_rank() in members else None)
+        next_rank += rollout_engines
     if next_rank != dist.get_world_size():
         raise ValueError(
-            f"the role layout needs {next_rank} ranks (student {student.size} + dedicated frozen models), "
-            f"but the world size is {dist.get_world_size()}"
+            f"the role layout needs {next_rank} ranks (student {student.size} + dedicated frozen models + rollout "
+            f"engines), but the world size is {dist.get_world_size()}"
         )
     # The local attention reads megatron's global memory buffer; it is normally made by initialize_model_parallel.
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:

@@ -19,26 +19,20 @@ log-probs aligned with its tokens. A header with more=0 ends the step; rows=-1 e
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from megatron_gopd.runtime.distributed import computed_on
+from megatron_gopd.runtime.exchange import ExchangeTimeoutError, Peer, Sent
 from megatron_gopd.runtime.layout import RoleGroups, RoleLayout
 from megatron_gopd.teachers.frozen import FrozenModel
 from megatron_gopd.teachers.sglang_http import SGLangHTTPModel
 
 _END_STEP, _END_RUN = (0, 0, 0), (-1, 0, 0)
 Rows = dict[int, list[int]]  # row id (its index in the replica's step) -> token ids, prompt and response
-
-
-class ExchangeTimeoutError(RuntimeError):
-    pass
 
 
 class Scorer(Protocol):
@@ -99,67 +93,42 @@ class _Submission:
     rows: list[int]
     lengths: list[int]
     answer: torch.Tensor
-    works: list
-    message: list[torch.Tensor]  # gloo sends from this memory until the works complete
+    exchanges: list[Sent]
 
 
 class DedicatedScorer:
     def __init__(self, name: str, layout: RoleLayout, *, timeout_s: float):
         pgc = layout.student.pgc
-        self.name, self.groups, self.mp = name, layout.frozen[name], pgc.mp
-        self.dp_rank, self.is_leader = pgc.dp.rank(), pgc.mp.rank() == 0
-        self.peer = self.groups.leader_of_dp_replica(self.dp_rank % self.groups.shape.dp)
-        self.timeout = timedelta(seconds=timeout_s)
-        self.step = 0
+        groups = layout.frozen[name]
+        self.mp, self.is_leader = pgc.mp, pgc.mp.rank() == 0
+        self.peer = Peer(f"frozen model {name!r}", groups.leader_of_dp_replica(pgc.dp.rank() % groups.shape.dp),
+                         groups.ranks, replica=pgc.dp.rank(), timeout_s=timeout_s)
         self._sent: list[_Submission] = []
 
     def submit(self, rows: Rows) -> None:
         if not self.is_leader:
             return
         lengths = [len(tokens) for tokens in rows.values()]
-        message = [torch.tensor([len(rows), sum(lengths), 1]), torch.tensor(lengths),
-                   torch.tensor([t for tokens in rows.values() for t in tokens])]
         answer = torch.empty(sum(lengths))
-        with self._answering():
-            works = [dist.isend(part, self.peer) for part in message] + [dist.irecv(answer, self.peer)]
-        self._sent.append(_Submission(list(rows), lengths, answer, works, message))
+        message = self.peer.isend(torch.tensor([len(rows), sum(lengths), 1]), torch.tensor(lengths),
+                                  torch.tensor([t for tokens in rows.values() for t in tokens]))
+        self._sent.append(_Submission(list(rows), lengths, answer, [message, self.peer.irecv(answer)]))
 
     def collect(self) -> dict[int, torch.Tensor]:
         def answers() -> dict[int, torch.Tensor]:
-            end = torch.tensor(_END_STEP)
-            with self._answering():
-                self._wait([dist.isend(end, self.peer)] + [w for sent in self._sent for w in sent.works])
+            end = self.peer.isend(torch.tensor(_END_STEP))
+            self.peer.wait(end.works + [w for sent in self._sent for x in sent.exchanges for w in x.works])
             return {row: lp for sent in self._sent for row, lp in zip(sent.rows, sent.answer.split(sent.lengths))}
 
         scores = computed_on(self.mp, answers)
         self._sent.clear()
-        self.step += 1
+        self.peer.step += 1
         return scores
-
-    def _wait(self, works: list) -> None:
-        """Waits for all of the step's exchanges under ONE deadline (not one timeout per message)."""
-        deadline = time.monotonic() + self.timeout.total_seconds()
-        for work in works:
-            if not work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.001))):
-                raise TimeoutError("timed out")
-
-    @contextlib.contextmanager
-    def _answering(self):
-        """An exchange that fails (gloo raises at once when the peer's process is gone, and on timeouts) ends the
-        run with one error naming the model, its ranks, this replica and the step."""
-        try:
-            yield
-        except Exception as e:
-            ranks = self.groups.ranks
-            raise ExchangeTimeoutError(
-                f"frozen model {self.name!r} (ranks {ranks.start}-{ranks.stop - 1}) did not answer student replica "
-                f"{self.dp_rank} within {self.timeout.total_seconds():.0f}s at step {self.step}: "
-                f"{type(e).__name__}: {e}") from e
 
     def shutdown(self) -> None:
         """Tells the model's server that the run is over."""
         if self.is_leader:
-            dist.send(torch.tensor(_END_RUN), self.peer)
+            self.peer.wait(self.peer.isend(torch.tensor(_END_RUN)).works)
 
 
 class ServerScorer:
