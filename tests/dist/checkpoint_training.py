@@ -47,6 +47,7 @@ def main():
     from megatron_gopd import checkpoint
     from megatron_gopd.models.architectures import ModelDims
     from megatron_gopd.models.builder import HFWeights, build_model, load_hf_weights
+    from megatron_gopd.metrics import Stat
     from megatron_gopd.models.parallel_model import LRSchedule, TrainableModel, adam
     from megatron_gopd.runtime.layout import ParallelShape, build_layout
     from tests.tiny import tiny_hf_model
@@ -71,15 +72,13 @@ def main():
     global_tokens = MB * world * (SEQ - 1)
 
     def nll(mb, lp, ent, logits):
-        total = -lp[:, 1:].sum()
-        return total / global_tokens, {"nll_sum": total.detach()}
+        loss = -lp[:, 1:].sum() / global_tokens
+        return loss, {"loss": Stat.total_of(loss)}  # summed over micro-batches and DP: the global loss
 
     def step():
         micro_batches = [{"tokens": torch.randint(0, dims.vocab_size, (1, SEQ))} for _ in range(MB)]
-        outputs, info = trainable.train_step(micro_batches, nll, temperature=1.0)
-        loss = torch.tensor(sum(o["nll_sum"].item() for o in outputs) / global_tokens)
-        dist.all_reduce(loss, group=pgc.dp)
-        return {"loss": loss.item(), "grad_norm": info["grad_norm"], "lr": info["lr"]}
+        metrics, info = trainable.train_step(micro_batches, nll, temperature=1.0)
+        return {"loss": metrics["loss"], "grad_norm": info["grad_norm"], "lr": info["lr"]}
 
     def draws():
         with tensor_parallel.get_cuda_rng_tracker().fork():

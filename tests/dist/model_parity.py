@@ -22,9 +22,9 @@ init_distributed()
 
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+from megatron_gopd.metrics import Stat
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.builder import HFWeights, build_model, load_hf_weights
-from megatron_gopd.models.expert_load import ExpertLoad
 from megatron_gopd.models.export import export_hf_weights
 from megatron_gopd.models.hf_io import hub_state_dict
 from megatron_gopd.models.parallel_model import ParallelModel, TrainableModel, adam
@@ -72,7 +72,6 @@ for arch in args.archs.split(","):
     dims = ModelDims.from_hf(hf.config)
     gpt = build_model(dims, pgc, seed=11, moe_aux_loss_coef=args.moe_aux_loss_coef)
     load_hf_weights(gpt, dims, HFWeights(hub_state_dict(hf)))
-    load = ExpertLoad(gpt) if dims.is_moe else None  # counts training forwards only: not the comparison's below
     with torch.no_grad():
         hf_logits = hf(tokens).logits
 
@@ -91,25 +90,23 @@ for arch in args.archs.split(","):
     # 2. two optimizer steps on the global batch; each DP rank takes its slice, one sequence per micro-batch
     if args.train:
         trainable = TrainableModel(gpt, dims, adam(1e-3, clip_grad=1.0, adam_eps=args.adam_eps), layout.student.world)
+        load = trainable.expert_load  # a mixture of experts' routing counts (training forwards only)
         dp_rank, per_rank = pgc.dp.rank(), GLOBAL_BATCH // dp
         mine = tokens[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         global_tokens = GLOBAL_BATCH * (SEQ - 1)
 
         def nll(mb, lp, ent, logits):
-            total = -lp[:, 1:].sum()
-            return total / global_tokens, {"nll_sum": total.detach()}
+            loss = -lp[:, 1:].sum() / global_tokens
+            return loss, {"loss": Stat.total_of(loss)}  # summed over micro-batches and DP: the global loss
 
         steps = []
         if load:
             entry.update(hf_routing(hf, dims))
         for _ in range(2):
-            outputs, info = trainable.train_step([{"tokens": mine[i:i + 1]} for i in range(per_rank)], nll,
+            metrics, info = trainable.train_step([{"tokens": mine[i:i + 1]} for i in range(per_rank)], nll,
                                                  temperature=1.0)
-            loss = torch.tensor(sum(o["nll_sum"].item() for o in outputs) / global_tokens)
-            last = dist.get_global_rank(pgc.pp, pgc.pp.size() - 1)
-            dist.broadcast(loss, src=last, group=pgc.pp)
-            dist.all_reduce(loss, group=pgc.dp)
-            steps.append({"loss": loss.item(), "grad_norm": info["grad_norm"], **(load.metrics() if load else {})})
+            steps.append({"loss": metrics["loss"], "grad_norm": info["grad_norm"],
+                          **(load.metrics() if load else {})})
             if load and len(steps) == 1:
                 entry["expert_counts"] = load.last_counts.tolist()
         after = trainable.token_logprobs([{"tokens": tokens}])[0]
