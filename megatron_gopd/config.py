@@ -247,8 +247,8 @@ def _apply_override(data: dict, item: str) -> None:
     """Sets one `a.b=c` override in the YAML data, in place. A number after a list's key indexes into the list, as
     OmegaConf's own dotlists do for its containers (OmegaConf.from_dotlist alone would make it a mapping key)."""
     key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"{item}: overrides are dotted key=value pairs, e.g. algo.lam=1.25")
+    if not sep or not all(key.split(".")):
+        raise ConfigError(f"overrides: {item!r} is not a dotted key=value pair, e.g. algo.lam=1.25")
     try:  # as OmegaConf's dotlists: YAML scalars and lists, anything else as the text it is
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:

@@ -107,7 +107,7 @@ def _check_files(cfg: RunConfig, models: dict[str, FrozenModelConfig]) -> None:
     for key, path, parallel in checkpoints:
         hf_dir = Path(path) / "hf"
         if not hf_dir.is_dir():
-            raise ConfigError(f"{key}.path: {path} is not a megatron-gopd model checkpoint (no {hf_dir}); make one "
+            raise ConfigError(f"{key}.path: {str(path)!r} is not a megatron-gopd model checkpoint (no {hf_dir}); make one "
                               "with tools/convert_hf_to_megatron.py")
         dims = ModelDims.from_hf(hf_dir)
         colocated_dense = key != "student" and parallel is student and not dims.is_moe
@@ -147,10 +147,11 @@ def _check_output_dir(cfg: RunConfig) -> None:
             f.write(b"\0" * (1 << 16))
             f.flush()
             os.fsync(f.fileno())
+        probe.unlink()
     except OSError as e:
+        if out.is_dir():
+            probe.unlink(missing_ok=True)
         raise ConfigError(f"train.output_dir: cannot write to {out}: {e}") from None
-    finally:
-        probe.unlink(missing_ok=True)
     stored = sum(f.stat().st_size for f in (Path(cfg.student.path) / "dist").glob("*") if f.is_file())
     params = stored / (2 if checkpoint.read_checkpoint_metadata(cfg.student.path)["dtype"] == "bf16" else 4)
     needed = params * (14 if cfg.student.dtype == "bf16" else 12) * (cfg.checkpoint.keep_last + 1)

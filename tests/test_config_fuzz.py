@@ -51,7 +51,9 @@ def base_config(tiny_checkpoints, tmp_path_factory):
     return write_run(tmp_path_factory.mktemp("fuzz"), tiny_checkpoints)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# The same examples on every machine, so CI holds; drop derandomize locally to search further.
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(overrides=OVERRIDES)
 def test_every_config_is_accepted_or_rejected_in_one_line(overrides, base_config, monkeypatch):
     from megatron_gopd import train
