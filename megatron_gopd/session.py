@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 import torch.distributed as dist
 from megatron.core.optimizer import OptimizerConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from megatron_gopd import checkpoint
+from megatron_gopd import checkpoint, memory_plan
 from megatron_gopd.algo.objectives import Objective, RunParts, objective_class
 from megatron_gopd.batching import Batching
 from megatron_gopd.config import ConfigError, FrozenModelConfig, RunConfig, resolved, save_resolved
@@ -68,6 +69,8 @@ def check_run(cfg: RunConfig, world_size: int | None, *, files: bool = True) -> 
             raise ConfigError(f"{_key(cfg, name)}.parallel: a dedicated model's expert groups must stay inside one "
                               f"replica: etp*ep = {(p.etp or p.tp) * p.ep} must divide tp={p.tp} (e.g. tp: 2, ep: 2, "
                               "etp: 1)")
+    if files:  # first: a checkpoint's shape (say ep against its experts) is the root cause of a rank-count error
+        _check_files(cfg, models)
     if world_size is not None:
         student, d = cfg.student.parallel, cfg.data
         dedicated = sum(s.parallel.tp * s.parallel.pp * s.dp for s in models.values() if s.placement == "dedicated")
@@ -245,6 +248,9 @@ def build_session(cfg: RunConfig) -> Session | None:
 
     if dist.get_rank() != 0:
         datasets.disable_progress_bars()
+    elif torch.cuda.is_available():  # before any model takes memory
+        for line in memory_plan.startup_lines(cfg, dist.get_world_size(), torch.cuda.mem_get_info()[1]):
+            print(line, flush=True)
     check_same_tokenizer({"student": cfg.student.path, **{name: s.path or cfg.student.path
                                                            for name, s in models.items()}})
     tokenizer = AutoTokenizer.from_pretrained(Path(cfg.student.path) / "hf")
@@ -264,7 +270,7 @@ def build_session(cfg: RunConfig) -> Session | None:
     dims = ModelDims.from_hf(Path(cfg.student.path) / "hf")
     gpt = build_model(dims, pgc, dtype=DTYPES[cfg.student.dtype], seed=cfg.train.seed, fp8=cfg.student.fp8,
                       fp8_recipe=cfg.student.fp8_recipe, attention=cfg.student.attention,
-                      moe_aux_loss_coef=cfg.student.moe_aux_loss_coef)
+                      moe_aux_loss_coef=cfg.student.moe_aux_loss_coef, recompute=cfg.train.recompute)
     checkpoint.load_model(cfg.student.path, gpt, group=layout.student.world)
     student = TrainableModel(gpt, dims, optimizer_config(cfg), layout.student.world, schedule=lr_schedule(cfg))
     colocated = {name: FrozenModel(name, s.path or cfg.student.path, layout.frozen[name], dtype=s.dtype,

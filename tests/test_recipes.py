@@ -11,6 +11,7 @@ from megatron_gopd.session import check_run, frozen_models
 from tests.conftest import ROOT
 
 WORLD = r"^student.parallel: world size {} minus \d+ dedicated"  # the GPUs do not hold the roles
+EXPERTS = r"^student.parallel.ep: etp\*ep = \d+ must divide the tp\*dp"  # the student's ranks do not hold its experts
 SPLIT = r"^data.prompts_per_step: 1024 prompts per step do not split over {} data-parallel"  # they do, unevenly
 RECIPES = {  # config -> (GPUs its launch script starts: student + dedicated frozen-model ranks, train.steps,
     #                      why one GPU fewer is rejected)
@@ -18,7 +19,7 @@ RECIPES = {  # config -> (GPUs its launch script starts: student + dedicated fro
     "examples/qwen3_strong_to_weak/config.yaml": (8, 100, SPLIT),
     "examples/qwen3_strong_to_weak/reward_correction.yaml": (8, 100, SPLIT),
     "examples/grpo_domain_expert/config.yaml": (8, 300, WORLD),
-    "examples/qwen3_30b_a3b_moe/config.yaml": (24, 50, WORLD),
+    "examples/qwen3_30b_a3b_moe/config.yaml": (24, 50, EXPERTS),
 }
 
 
@@ -123,7 +124,7 @@ def test_the_conversion_runs_once_on_node_0_while_other_nodes_wait(tmp_path):
 
 
 def test_moe_recipe_ships_the_qwen3_30b_a3b_config_and_its_layout_splits_it():
-    """Issue 22: the HF config beside the MoE recipe gives the model card's 30.5B parameters, 3.3B active, and
+    """Issue 22: the HF config the MoE recipe ships gives the model card's 30.5B parameters, 3.3B active, and
     the recipe's EP sizes divide its 128 experts."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -131,11 +132,12 @@ def test_moe_recipe_ships_the_qwen3_30b_a3b_config_and_its_layout_splits_it():
     from megatron_gopd.models.architectures import ModelDims
 
     recipe = ROOT / "examples/qwen3_30b_a3b_moe"
+    model_dir = recipe / "models/qwen3-30b-a3b"
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(recipe))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    dims = ModelDims.from_hf(recipe)
+    dims = ModelDims.from_hf(model_dir)
     active = total - experts * (1 - dims.moe_topk / dims.num_experts)
     assert round(total / 1e9, 1) == 30.5 and 3.3 <= active / 1e9 < 3.4
     config = load_config(recipe / "config.yaml")

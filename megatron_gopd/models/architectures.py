@@ -174,6 +174,17 @@ def _as_dict(hf_config) -> dict:
     return hf_config.to_dict()
 
 
+# train.recompute -> megatron-core's activation recompute settings. selective: megatron's default module, the core
+# attention (its inputs are kept, its internals recomputed: the S x S scores of attention 'megatron'; torch's fused
+# attention keeps next to nothing of its own). full: every layer keeps only its input and is recomputed in the
+# backward, one layer at a time (the uniform method over units of one layer).
+RECOMPUTE = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
     """Pads independently of TP, so that a dist checkpoint reshards to any TP that divides the padded size."""
     return math.ceil(vocab_size / divisible_by) * divisible_by
@@ -191,12 +202,15 @@ def transformer_config(
     fp8_recipe: str = "delayed",
     moe_aux_loss_coef: float = 0.0,
     grouped_gemm: bool = False,
+    recompute: str = "none",
 ) -> TransformerConfig:
     """`ep`/`etp` and the MoE arguments act on mixture-of-experts models only; a dense model built in an
     expert-parallel layout (a colocated teacher) leaves the expert groups unused."""
     if not dims.is_moe:
         ep, etp = 1, tp
     dims.check_parallel(tp, pp, ep, etp)
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r} is not one of {', '.join(RECOMPUTE)}")
     on_gpu = torch.cuda.is_available()
     if fp8 and not on_gpu:
         raise ValueError(f"fp8={fp8!r} needs a CUDA GPU and Transformer Engine; set fp8: null on CPU")
@@ -240,6 +254,7 @@ def transformer_config(
         moe_token_dispatcher_type="alltoall",
         fp8=fp8,
         fp8_recipe=fp8_recipe,
+        **RECOMPUTE[recompute],
     )
 
 

@@ -101,14 +101,16 @@ def build_model(
     fp8_recipe: str = "delayed",
     attention: str = "auto",
     moe_aux_loss_coef: float = 0.0,
+    recompute: str = "none",
 ) -> GPTModel:
     """This rank's pipeline stage of the model, TP-sharded over `pgc.tp` (experts over `pgc.ep`, each split
     over `pgc.expt_tp`), randomly initialised from `seed`, with the core attention that `layer_spec` picks for
-    `attention`."""
+    `attention` and activation recompute `recompute` (none | selective | full, see architectures.RECOMPUTE; it
+    acts only in training mode)."""
     tp, pp, pp_rank = pgc.tp.size(), pgc.pp.size(), pgc.pp.rank()
     config = transformer_config(dims, tp=tp, pp=pp, ep=pgc.ep.size(), etp=pgc.expt_tp.size(), dtype=dtype, fp8=fp8,
                                 fp8_recipe=fp8_recipe, moe_aux_loss_coef=moe_aux_loss_coef,
-                                grouped_gemm=transformer_engine_available())
+                                grouped_gemm=transformer_engine_available(), recompute=recompute)
     if fp8:
         route_fp8_amax_reduction(pgc)
     # Seeds the per-TP-rank RNG states; with CPU initialisation the full weight is drawn then sliced, so the

@@ -29,6 +29,9 @@ class FrozenModel(ParallelModel):
         self.forward_calls = 0  # micro-batches scored
         self.samples_scored = 0
         self._offloaded = False
+        # Parked until first used: colocated models would otherwise all sit on the GPU, beside the student, while
+        # the rollout engine starts and generates the first step (memory_plan counts one at a time).
+        self.offload()
 
     def score(self, rows: list[list[int]], temperature: float) -> list[torch.Tensor]:
         """Per-token log-probs of each row of token ids ([its length], aligned with its tokens, entry 0 is 0), as

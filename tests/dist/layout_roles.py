@@ -91,6 +91,6 @@ dist.all_gather_object(gathered, {"rank": rank, "role": role, "members": members
                                   "fp8": fp8})
 if rank == 0:
     with open(args.out, "w") as f:
-        json.dump({"ranks": gathered, "world_size": layout.world_size,
+        json.dump({"ranks": gathered, "world_size": dist.get_world_size(),
                    "reference_shares_student_groups": layout.frozen["reference"].pgc is layout.student.pgc}, f)
 dist.destroy_process_group()
