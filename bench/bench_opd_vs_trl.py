@@ -83,7 +83,7 @@ def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
     import yaml
 
     from megatron_gopd.config import load_config
-    from megatron_gopd.session import check_run
+    from megatron_gopd.preflight import check_run
     from megatron_gopd.runtime.distributed import init_distributed, seed_everything
 
     root = checkpoints()

@@ -3,7 +3,7 @@
 OmegaConf merges the YAML and the overrides onto these dataclasses and checks types and choices (`Literal`);
 `validate()` checks what types cannot (ranges and cross-field rules) and names the offending key in every error.
 What needs more than the config itself (the objective's own rules, the world size, files on disk) is checked by
-`session.check_run` before any process group exists.
+`preflight.check_run` before any process group exists.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from pathlib import Path
 from megatron_gopd.algo.logprobs import DEFAULT_CHUNK_BYTES
 from megatron_gopd.config import RunConfig
 from megatron_gopd.models.architectures import ModelDims, padded_vocab_size
+from megatron_gopd.preflight import frozen_models
 
 GiB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -259,8 +260,6 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, gpu_memory_gb: f
               recipe_dir: Path | None = None) -> Plan:
     """The memory plan of `cfg` on GPUs of `gpu_memory_gb` GiB. `world_size` defaults to the fewest ranks the
     run can have (one student replica: the optimizer unsharded)."""
-    from megatron_gopd.session import frozen_models  # session imports this module
-
     models = frozen_models(cfg)
     path_of = {name: c.path or cfg.student.path for name, c in models.items()}
     dims_cache: dict[str, ModelDims] = {}
@@ -449,8 +448,6 @@ def fixes(cfg: RunConfig, plan: Plan, **plan_kwargs) -> list[tuple[dict[str, obj
 
 def _min_world(cfg: RunConfig) -> int:
     """One student replica, the dedicated frozen models' ranks and the dedicated rollout engines."""
-    from megatron_gopd.session import frozen_models
-
     dedicated = sum(c.parallel.tp * c.parallel.pp * c.dp for c in frozen_models(cfg).values()
                     if c.placement == "dedicated")
     engines = cfg.rollout.engines if cfg.rollout.placement == "dedicated" else 0

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
 
     from megatron_gopd.config import ConfigError, load_config
-    from megatron_gopd.session import check_run
+    from megatron_gopd.preflight import check_run
 
     try:  # everything is checked before any process group exists
         config = load_config(args.config, overrides)

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from megatron_gopd.config import ConfigError, load_config
-from megatron_gopd.session import check_run
+from megatron_gopd.preflight import check_run
 from tests.runs import write_run
 
 

@@ -12,7 +12,7 @@ import yaml
 from megatron_gopd import memory_plan
 from megatron_gopd.config import load_config
 from megatron_gopd.models.architectures import ModelDims
-from megatron_gopd.session import check_run
+from megatron_gopd.preflight import check_run
 from tests.conftest import ROOT
 from tools.plan import main as plan_main
 

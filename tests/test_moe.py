@@ -202,7 +202,7 @@ def test_gopd_with_moe_student_and_dedicated_moe_teacher_resumes_exactly(moe_che
 ])
 def test_moe_config_errors_name_the_key(teachers, overrides, world, error, moe_checkpoints, tmp_path):
     from megatron_gopd.config import ConfigError, load_config
-    from megatron_gopd.session import check_run
+    from megatron_gopd.preflight import check_run
 
     config = moe_run(tmp_path, moe_checkpoints, 1, teachers=_teachers(moe_checkpoints, **teachers))
     if error is None:

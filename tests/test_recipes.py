@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from megatron_gopd.config import ConfigError, load_config
-from megatron_gopd.session import check_run, frozen_models
+from megatron_gopd.preflight import check_run, frozen_models
 from tests.conftest import ROOT
 
 WORLD = r"^student.parallel: world size {} minus \d+ dedicated"  # the GPUs do not hold the roles

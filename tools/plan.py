@@ -27,7 +27,7 @@ def main(argv=None) -> int:
 
     from megatron_gopd.config import ConfigError, load_config
     from megatron_gopd.memory_plan import PlanError, make_plan, report
-    from megatron_gopd.session import check_run
+    from megatron_gopd.preflight import check_run
 
     try:  # the checkpoints need not exist yet: the plan reads the recipe's copies of the models' configs
         cfg = load_config(args.config, args.overrides)

@@ -24,8 +24,9 @@ import yaml
 
 from megatron_gopd.config import load_config
 from megatron_gopd.eval.verifiers import exact_match
+from megatron_gopd.preflight import check_run
 from megatron_gopd.runtime.distributed import init_distributed, seed_everything
-from megatron_gopd.session import build_session, check_run
+from megatron_gopd.session import build_session
 from megatron_gopd.trainer import Trainer
 
 parser = argparse.ArgumentParser()
