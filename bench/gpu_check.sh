@@ -29,5 +29,5 @@ timeout 240 "$python" bench/run.py --only gpu --out "$out/bench_gpu.json" 2>&1 |
 # one-process tests only, on CUDA (the suite hides the GPU from non-gpu tests unless asked): several ranks cannot
 # share one GPU under NCCL
 MEGATRON_GOPD_TEST_CUDA=1 timeout 150 "$python" -m pytest -q -rA "tests/test_rollout.py::test_engine_matches_megatron_student_before_and_after_a_step[1]" \
-  tests/test_algorithms.py::test_grpo_raises_the_verifier_reward tests/test_algorithms.py::test_sft_fits_the_dataset_responses \
+  tests/test_objectives.py::test_grpo_raises_the_verifier_reward tests/test_objectives.py::test_sft_fits_the_dataset_responses \
   2>&1 | tee "$out/pytest_single_process.log"

@@ -54,9 +54,13 @@ def layer_params(dims: ModelDims, tp: int, *, sparse: bool = False, ep: int = 1,
     qkv = h * (q + 2 * kv) + (q + 2 * kv if dims.qkv_bias else 0)
     norms = 2 * h + (2 * dims.head_dim if dims.qk_norm else 0)
     if sparse:
-        experts = dims.num_experts // ep * 3 * h * dims.moe_ffn_hidden_size // (etp or tp)
-        return (qkv + q * h) // tp + dims.num_experts * h + experts + norms
+        return (qkv + q * h) // tp + dims.num_experts * h + expert_params(dims, tp, ep, etp) + norms
     return (qkv + q * h + 3 * h * dims.ffn_hidden_size) // tp + norms
+
+
+def expert_params(dims: ModelDims, tp: int, ep: int = 1, etp: int | None = None) -> int:
+    """Expert parameters of one sparse layer on one rank: its `num_experts / ep` SwiGLU experts, split over `etp`."""
+    return dims.num_experts // ep * 3 * dims.hidden_size * dims.moe_ffn_hidden_size // (etp or tp)
 
 
 def stage_layers(dims: ModelDims, pp: int, stage: int) -> range:
@@ -287,9 +291,15 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, gpu_memory_gb: f
     ranks = []
     for stage in range(sp.pp):
         n_params = stage_params(student, sp.tp, sp.pp, stage, sp.ep, sp.etp)
-        shards = dp if cfg.optim.distributed_optimizer else 1
+        # the distributed optimizer shards dense parameters over DP, experts over the expert-DP group (the stage's
+        # tp * dp ranks over etp * ep)
+        n_experts = sum(expert_params(student, sp.tp, sp.ep, sp.etp)
+                        for i in stage_layers(student, sp.pp, stage) if i in student.moe_layers)
+        dense_shards, expert_shards = (dp, sp.tp * dp // ((sp.etp or sp.tp) * sp.ep)) \
+            if cfg.optim.distributed_optimizer else (1, 1)
+        sharded = (n_params - n_experts) / dense_shards + n_experts / expert_shards
         resident = [Term("weights", n_params * DTYPE_BYTES[dtype]), Term("grads", n_params * FP32),
-                    Term("optimizer", n_params * (12 if dtype == "bf16" else 8) / shards)]
+                    Term("optimizer", sharded * (12 if dtype == "bf16" else 8))]
         kept = _update_activations(cfg, student, stage=stage, tokens=tokens, seq=row,
                                    in_flight=min(sp.pp - stage, micro_batches))
         activations = resident + [Term("activations", kept.kept)]
@@ -313,7 +323,7 @@ def make_plan(cfg: RunConfig, *, world_size: int | None = None, gpu_memory_gb: f
                                                   attention="sdpa", tokens=tokens, seq=row, etp=sp.etp)),
             ])
         phases["scoring"] = max(scoring, key=lambda terms: sum(t.bytes for t in terms))
-        phases["update"] = resident + [Term("adam temporaries", n_params * FP32 / shards)]
+        phases["update"] = resident + [Term("adam temporaries", sharded * FP32)]
         rollout = list(resident)
         if cfg.algo.loss == "full_vocab":  # the loss onloads the colocated models; the next scoring parks them
             rollout += [Term(f"frozen {name}", stage_params(d, sp.tp, sp.pp, stage, sp.ep, sp.etp)

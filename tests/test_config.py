@@ -5,6 +5,7 @@ import yaml
 
 from megatron_gopd.config import ConfigError, load_config
 from megatron_gopd.preflight import check_run
+from tests.conftest import ROOT
 from tests.runs import write_run
 
 
@@ -129,3 +130,15 @@ def test_an_output_dir_that_takes_no_files_or_has_no_room_fails_at_start(tiny_ch
         load(path)
     monkeypatch.undo()
     load(path)  # and with the room it has, the same config passes
+
+
+@pytest.mark.parametrize("override, message", [  # the README's examples, word for word
+    ("algo.lam=0", "algo.lam: must be > 0, got 0.0"),
+    ("algo.lamda=1.25", "algo.lamda: unknown config key; did you mean 'lam'?"),
+    ("teachers.0.placement=remote", "teachers[0].placement: 'remote' is not one of ['colocated', 'dedicated', 'sglang']"),
+])
+def test_the_readme_error_examples_are_the_real_ones(override, message, tiny_checkpoints, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load(write_run(tmp_path, tiny_checkpoints), [override])
+    assert str(error.value) == message
+    assert f"`config error: {message}`" in (ROOT / "README.md").read_text().replace("\n", " ")

@@ -167,17 +167,17 @@ def test_recipes_fit_their_gpus_at_the_papers_lengths(recipe, capsys):
 def test_recipe_models_are_the_public_qwen3_configs():
     recipe_models = sorted(p.relative_to(ROOT / "examples").as_posix()
                            for p in (ROOT / "examples").glob("*/models/*/config.json"))
-    assert recipe_models == [
+    assert recipe_models == sorted([
         "grpo_domain_expert/models/qwen3-4b/config.json",
         "qwen3_4b_multi_teacher/models/qwen3-4b-code-grpo/config.json",
         "qwen3_4b_multi_teacher/models/qwen3-4b-math-grpo/config.json",
+        "qwen3_4b_multi_teacher/models/qwen3-4b/config.json",
         "qwen3_30b_a3b_moe/models/qwen3-30b-a3b-code-grpo/config.json",
         "qwen3_30b_a3b_moe/models/qwen3-30b-a3b-math-grpo/config.json",
         "qwen3_30b_a3b_moe/models/qwen3-30b-a3b/config.json",
-        "qwen3_4b_multi_teacher/models/qwen3-4b/config.json",
         "qwen3_strong_to_weak/models/Qwen3-30B-A3B-Instruct-2507/config.json",
         "qwen3_strong_to_weak/models/qwen3-1.7b/config.json",
-    ]
+    ])
     four_b = ModelDims.from_hf(ROOT / "examples/qwen3_4b_multi_teacher/models/qwen3-4b")
     assert memory_plan.stage_params(four_b, 1, 1, 0) == 4022468096  # Qwen3-4B: 4.02B with the tied embedding
     small = ModelDims.from_hf(ROOT / "examples/qwen3_strong_to_weak/models/qwen3-1.7b")

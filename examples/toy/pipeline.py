@@ -88,7 +88,7 @@ PROFILES = {
                     model=MODEL, pretrain_steps=320, teacher_steps=28, distill_steps=10, seeds=(1, 2, 3),
                     lambdas=(0.5, 1.0, 1.25, 1.5), eval_n=4),
     # the test's pipeline: every stage, each as short as it can be (its numbers mean nothing; the learning itself
-    # is shown by the full profile's report and tested where it is robust, tests/test_algorithms.py)
+    # is shown by the full profile's report and tested where it is robust, tests/test_objectives.py)
     "quick": Profile(sizes={"test": 16, "val": 8, "train": 64, "pretrain": 400}, difficulty=DIFFICULTY,
                      model=MODEL, pretrain_steps=40, teacher_steps=3, distill_steps=2, seeds=(1,),
                      lambdas=(1.0, 1.25), eval_n=2, sft_samples_per_domain=16, teacher_lr=3e-4),
