@@ -223,6 +223,6 @@ def test_a_data_file_changed_since_the_checkpoint_is_named_and_the_run_goes_on(t
     data.write_text(data.read_text() + json.dumps({"prompt": "t5 t6 t7", "domain": "math"}) + "\n")
     resumed = launch(config, "--resume", "auto", "train.steps=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (f"data file {data} changed (" in resumed.stderr and "since the checkpoint; the prompt sampler resumes at "
-            "its saved position over the 49 prompts as they are now (48 then)" in resumed.stderr), resumed.stderr[-3000:]
+    assert (f"data file {data} changed (" in resumed.stderr and "since the checkpoint; each step draws its batch from "
+            "the 49 prompts as they are now (48 then)" in resumed.stderr), resumed.stderr[-3000:]
     assert sorted(metrics(tmp_path / "run")) == [1, 2]

@@ -95,8 +95,8 @@ def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(m
         def sleep(self):
             calls.append("sleep")
 
-        def sync_weights(self):
-            calls.append("sync")
+        def sync_weights(self, version):
+            calls.append(f"sync {version}")
 
     class Logger:
         @contextlib.contextmanager
@@ -134,11 +134,13 @@ def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(m
                           checkpoint=SimpleNamespace(interval=100), algo=SimpleNamespace(old_logprobs="recompute"))
     checkpointer = SimpleNamespace(restore=lambda resume: False, save=lambda step: None)
     session = SimpleNamespace(config=cfg, objective=SimpleNamespace(on_policy=True), rollout=Rollout(),
+                              student=SimpleNamespace(expert_metrics=dict),
                               logger=Logger(), checkpointer=lambda states: checkpointer,
                               dataset=SimpleNamespace(report=SimpleNamespace(as_metrics=dict)),
                               shutdown=lambda: calls.append("end"))
     trainer = FakeTrainer(session)
     trainer._stop_agreed = lambda: False
     trainer.train()
-    step = ["rollout", "sleep", "old_logprobs", "teachers", "update", "train_step", "weight_sync", "sync", "log"]
-    assert calls == ["sync"] + step + step + ["checkpoint", "end"]
+    def step(k):  # the weights after step k's update carry version k
+        return ["rollout", "sleep", "old_logprobs", "teachers", "update", "train_step", "weight_sync", f"sync {k}", "log"]
+    assert calls == ["sync 0"] + step(1) + step(2) + ["checkpoint", "end"]
