@@ -52,6 +52,7 @@ from bench.common import (
     describe,
     md_table,
     num_params,
+    prompt_rows,
     require,
     run_script,
     spread,
@@ -62,14 +63,6 @@ from bench.common import (
 PROMPTS_PER_STEP, LR = 8, 1e-5
 TARGET = 2.0  # ours at least 2x faster per step
 SIDES = ("trl", "ours-full_vocab", "ours-sampled")
-
-
-def _prompt_rows(n: int = 64) -> list[dict]:
-    rows = []
-    for i in range(n):
-        words = " ".join(f"t{(i * 7 + j * 13) % 240 + 5}" for j in range(4 + i % 6))
-        rows.append({"prompt": words, "domain": "math"})
-    return rows
 
 
 def _step_times(ends: list[tuple[float, float]]) -> dict:
@@ -88,7 +81,7 @@ def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
 
     root = checkpoints()
     data = tmp / "prompts.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _prompt_rows()))
+    data.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows()))
     config = {
         "student": {"path": str(root / "student")},
         "teachers": [{"name": "teacher", "path": str(root / "teacher"), "domains": ["math"]}],
@@ -132,7 +125,7 @@ def _trl(steps: int, new_tokens: int, tmp: Path) -> dict:
 
     root = checkpoints()
     student, teacher = root / "hf" / "student", root / "hf" / "teacher"
-    messages = [[{"role": "user", "content": r["prompt"]}] for r in _prompt_rows()]
+    messages = [[{"role": "user", "content": r["prompt"]}] for r in prompt_rows()]
     tokenizer = AutoTokenizer.from_pretrained(student, padding_side="left")
     ends, lengths = [], set()
 

@@ -42,6 +42,15 @@ MODEL_SPECS = {
 CHECKPOINTS = {"student": ("tiny", 0), "teacher": ("tiny", 1), "teacher_big": ("teacher_big", 2)}
 
 
+def prompt_rows(n: int = 64) -> list[dict]:
+    """A trainer's prompt set over the bench vocabulary: n prompts of 4-9 words, one domain ("math")."""
+    rows = []
+    for i in range(n):
+        words = " ".join(f"t{(i * 7 + j * 13) % 240 + 5}" for j in range(4 + i % 6))
+        rows.append({"prompt": words, "domain": "math"})
+    return rows
+
+
 def describe(spec: str) -> str:
     s = MODEL_SPECS[spec]
     return (f"Llama {s['num_hidden_layers']}L h{s['hidden_size']} ffn{s['intermediate_size']} "

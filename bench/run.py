@@ -17,6 +17,8 @@ prints the same markdown. Sections:
   moe        8. a mixture-of-experts student step against a dense one of the same active parameters, world 1
              and EP=2 (bench_moe.py; reported, no target)
   plan      10. the memory planner's estimates against measured peak memory of training steps (bench_memory_plan.py)
+  async     11. one-step-off-policy training (rollout.max_staleness=1) against on-policy (0), a dedicated rollout
+             engine rank beside the student: step time and the per-phase timeline (bench_async.py, world 2)
 --quick keeps the suite well under 10 minutes on 2 cores; the full size repeats more and adds sizes; --size smoke
 runs every section in seconds (the test suite runs it, so that a change that breaks the bench breaks a test).
 The TRL comparison needs the `bench` extra (`pip install -e ".[bench]"`).
@@ -35,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import (
+    bench_async,
     bench_batching,
     bench_growth,
     bench_logprobs,
@@ -56,7 +59,8 @@ from bench.common import (
     verdict,
 )
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan",
+            "async")
 
 
 def _gpu(size: str) -> dict:
@@ -83,6 +87,7 @@ RUNNERS = {
     "moe": bench_moe.run,
     "gpu": _gpu,
     "plan": bench_memory_plan.run,
+    "async": bench_async.run,
 }
 
 
@@ -124,6 +129,7 @@ NOTES = {
     "overlap": bench_teachers.overlap_notes,
     "growth": bench_growth.notes,
     "plan": bench_memory_plan.notes,
+    "async": bench_async.notes,
 }
 MARKDOWN = {
     "logprobs": bench_logprobs.to_markdown,
@@ -136,13 +142,15 @@ MARKDOWN = {
     "moe": bench_moe.to_markdown,
     "gpu": _gpu_markdown,
     "plan": bench_memory_plan.to_markdown,
+    "async": bench_async.to_markdown,
 }
 TITLES = {"logprobs": "1. Log-prob and entropy kernel", "rollout": "2. Rollout engine and weight sync",
           "opd": "3. End-to-end OPD step against TRL", "teachers": "4. Teacher scaling",
           "overlap": "5. Streaming overlap", "growth": "6. Growth with the response length", "gpu": "7. GPU suite",
           "batching": "9. Batching long-tailed rows",
           "moe": "8. Mixture of experts",
-          "plan": "10. Memory planner against measured peaks"}
+          "plan": "10. Memory planner against measured peaks",
+          "async": "11. One-step-off-policy training"}
 
 
 def headline(results: dict) -> list[list]:
@@ -215,6 +223,13 @@ def headline(results: dict) -> list[list]:
         rows.append([f"10. memory planner / measured peak, {len(ratios)} settings of {p['model']}",
                      f"{min(ratios):.2f}-{max(ratios):.2f}", f"within +-{bench_memory_plan.TOLERANCE:.0%}",
                      verdict(p["meets_target"])])
+    if "async" in results:
+        a = results["async"]
+        steps = {side: a["step_s"][side]["median"] for side in bench_async.SIDES}
+        rows.append(["11. step time, one step off / on-policy (dedicated rollout engine rank)",
+                     (f"{a['step_time_ratio']:.2f}x ({a['ratio']['min']:.2f}-{a['ratio']['max']:.2f}; "
+                      f"{steps['staleness_1']:.2f} vs {steps['staleness_0']:.2f} s/step)"),
+                     f"<= {bench_async.TARGET}x", verdict(a["meets_target"])])
     return rows
 
 
@@ -258,7 +273,7 @@ def main() -> None:
     start = time.perf_counter()
     report = {"size": args.size, "machine": machine(), "threads_per_worker": THREADS or "default",
               "results": {}, "seconds": {}, "load_avg": {}, "errors": {}}
-    if set(sections) & {"opd", "teachers", "overlap", "rollout"}:
+    if set(sections) & {"opd", "teachers", "overlap", "rollout", "async"}:
         checkpoints()  # the tiny models, once (cached between runs)
     for name in sections:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan", "async")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,10 @@ def test_each_bench_section_runs_at_smoke_size(section, bench_cache, tmp_path):
         for side in ("trl", "ours-full_vocab", "ours-sampled"):
             assert result["cpu_seconds_per_step"][side]["median"] > 0, side
         assert set(result["phases"]["ours-sampled"]) >= {"rollout", "teachers", "update"}
+    if section == "async":  # one step off: every measured step trained on samples exactly one update old
+        result = report["results"]["async"]
+        assert result["step_time_ratio"] > 0 and set(result["timeline_s"]["staleness_1"]) >= {"rollout", "update"}
+        assert result["staleness_seen"] == {"staleness_0": [0], "staleness_1": [1]}
 
 
 def test_a_missing_optional_peer_is_one_line_naming_the_extra(tmp_path):

@@ -1,5 +1,5 @@
-"""Issue 9: the toy pipeline end to end, shortened (--profile quick), through torchrun, dedicated teacher ranks,
-the checkpoints and the evaluation: every stage's artefact, each teacher trained on its own domain's prompts only,
+"""Issue 9: the toy pipeline end to end, shortened (--profile quick), through torchrun, dedicated teacher ranks and
+a dedicated rollout engine rank (issue 23), the checkpoints and the evaluation: every stage's artefact, each teacher trained on its own domain's prompts only,
 each G-OPD sample scored by its domain's teacher, the report computed from the runs; then a rerun that finds every
 stage cached. The quick profile is far too short to learn anything measurable: that the teachers beat the base and
 what distillation gains is the full profile's report (README), reproduced bit for bit on one machine, not across
@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    cmd = [sys.executable, "examples/toy/pipeline.py", "--out", str(out), "--profile", "quick", "--ranks-per-run", "3"]
+    cmd = [sys.executable, "examples/toy/pipeline.py", "--out", str(out), "--profile", "quick", "--ranks-per-run", "4"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, cmd
@@ -39,9 +39,28 @@ def test_each_stage_produced_its_artefact(toy_run):
         expected += [f"eval/{name}-s{seed}.json" for seed in profile["seeds"]]
     missing = [path for path in expected if not (out / path).exists()]
     assert not missing, missing
-    # the G-OPD runs used dedicated teacher ranks: 1 student + 2 teachers
-    config = (out / "runs" / f"gopd-lam1-s{profile['seeds'][0]}" / "config.yaml").read_text()
-    assert config.count("placement: dedicated") == 2
+    # the G-OPD runs used dedicated ranks: 1 student + 2 teachers + 1 rollout engine
+    config = yaml.safe_load((out / "runs" / f"gopd-lam1-s{profile['seeds'][0]}" / "config.yaml").read_text())
+    assert [t["placement"] for t in config["teachers"]] == ["dedicated", "dedicated"]
+    assert (config["rollout"]["placement"], config["rollout"]["engines"]) == ("dedicated", 1)
+
+
+@pytest.mark.parametrize("ranks, nproc, teachers, rollout", [
+    (1, 1, "colocated", "colocated"), (2, 1, "colocated", "colocated"), (3, 3, "dedicated", "colocated"),
+    (4, 4, "dedicated", "dedicated"), (6, 4, "dedicated", "dedicated")])
+def test_ranks_per_run_places_the_teachers_then_the_rollout_engine_on_ranks_of_their_own(
+        ranks, nproc, teachers, rollout, tmp_path):
+    from examples.toy.pipeline import PROFILES, Pipeline
+
+    for run in ("pretrain", "teacher-math", "teacher-code"):
+        (tmp_path / "runs" / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / run / "checkpoints" / "latest").write_text("iter_2")
+    gopd, sft = Pipeline(tmp_path, PROFILES["quick"], jobs=2, ranks_per_run=ranks).distill_jobs()
+    assert {job.nproc for job in gopd} == {nproc} and {job.nproc for job in sft} == {1}
+    config = yaml.safe_load((tmp_path / "runs" / gopd[0].name / "pipeline.yaml").read_text())
+    assert [t["placement"] for t in config["teachers"]] == [teachers, teachers]
+    assert config["rollout"]["placement"] == rollout and config["rollout"]["engines"] == 1
+    assert gopd[0].cmd[gopd[0].cmd.index("--standalone") + 1] == f"--nproc_per_node={nproc}"
 
 
 def test_the_report_is_computed_from_the_runs(toy_run):

@@ -18,8 +18,9 @@ trainer run from its last checkpoint; --fresh starts over):
 
 Every trainer stage is `torchrun -m megatron_gopd.train` on a config written next to its outputs, so the toy
 goes through the same code as a cluster run. Distillation uses dedicated teacher ranks when --ranks-per-run
-leaves room for them (1 student rank + 1 per teacher) and colocated teachers otherwise; independent runs go
-side by side, --jobs at a time.
+leaves room for them (1 student rank + 1 per teacher) and colocated teachers otherwise, and with one rank more
+also a dedicated rollout engine rank (on-policy, rollout.max_staleness 0: the same samples as the student's own
+engine); independent runs go side by side, --jobs at a time.
 """
 
 from __future__ import annotations
@@ -221,18 +222,25 @@ class Pipeline:
     def distill_jobs(self) -> tuple[list[Job], list[Job]]:
         """The G-OPD runs, and the SFT runs."""
         gopd, sft = [], []
-        dedicated = self.ranks_per_run >= 1 + len(DOMAINS)
+        nproc, placement = self.gopd_placement()
         for seed in self.profile.seeds:
             sft.append(self.trainer_job(f"sft-s{seed}", "distill.yaml", settings={
                 **self.distill_settings(seed), "algo.name": "sft", "teachers": [],
                 "data.train": [self.data(f"samples/{d}.jsonl") for d in DOMAINS], "data.response_key": "response"}))
             for lam in self.profile.lambdas:
-                gopd.append(self.trainer_job(f"gopd-lam{lam:g}-s{seed}", "distill.yaml",
-                                             nproc=self.ranks_per_run if dedicated else 1, settings={
-                    **self.distill_settings(seed), "algo.lam": lam,
-                    "teachers": [{"name": d, "path": self.checkpoint(f"teacher-{d}"), "domains": [d],
-                                  "placement": "dedicated" if dedicated else "colocated"} for d in DOMAINS]}))
+                gopd.append(self.trainer_job(f"gopd-lam{lam:g}-s{seed}", "distill.yaml", nproc=nproc, settings={
+                    **self.distill_settings(seed), **placement, "algo.lam": lam}))
         return gopd, sft
+
+    def gopd_placement(self) -> tuple[int, dict]:
+        """The ranks of a G-OPD run and where its teachers and rollout engine live, from --ranks-per-run: 1 student
+        rank, + 1 per teacher when they fit, + 1 rollout engine rank when that fits too."""
+        teachers = self.ranks_per_run >= 1 + len(DOMAINS)
+        rollout = self.ranks_per_run >= 2 + len(DOMAINS)
+        settings = {"teachers": [{"name": d, "path": self.checkpoint(f"teacher-{d}"), "domains": [d],
+                                  "placement": "dedicated" if teachers else "colocated"} for d in DOMAINS],
+                    "rollout.placement": "dedicated" if rollout else "colocated", "rollout.engines": 1}
+        return 1 + len(DOMAINS) * teachers + rollout, settings
 
     def distill_settings(self, seed: int) -> dict:
         return {"student.path": self.checkpoint("pretrain"), "data.train": [self.data("train.jsonl")],
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes to run at once (default: the CPUs this process may use)")
     parser.add_argument("--ranks-per-run", type=int, default=1,
-                        help="ranks per distillation run: 3 or more gives each teacher a dedicated rank")
+                        help="ranks per G-OPD run: 3 gives each teacher a dedicated rank, 4 also the rollout engine")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
