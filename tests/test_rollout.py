@@ -1,12 +1,16 @@
 """Issue 5: rollout engines. The transformers engine against the Megatron student, sampling filters, stop tokens
 (the SGLang adapter's tests are in test_sglang_engine.py)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from megatron_gopd.rollout.base import Sample, SamplingParams
+from megatron_gopd.rollout.base import SamplingParams
 from megatron_gopd.rollout.hf_engine import HFRolloutEngine, processed_logprobs, sample_next
-from tests.conftest import run_torchrun
+from tests.conftest import ROOT, run_torchrun
 from tests.tiny import tiny_hf_model
 
 
@@ -144,3 +148,30 @@ def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(m
     def step(k):  # the weights after step k's update carry version k
         return ["rollout", "sleep", "old_logprobs", "teachers", "update", "train_step", "weight_sync", f"sync {k}", "log"]
     assert calls == ["sync 0"] + step(1) + step(2) + ["checkpoint", "end"]
+
+
+def test_the_engine_decodes_outside_the_cpu_compat_rewrite(tmp_path):
+    """Issue 21: the CPU compatibility layer's CUDA-to-CPU rewrite (a torch function mode in front of every torch
+    call) is for megatron; the transformers engine steps outside it while decoding, and it is back afterwards. In a
+    process of its own: the layer, once applied, stays for the life of the process."""
+    tiny_hf_model("llama", seed=4).save_pretrained(tmp_path)
+    script = f"""
+import torch
+from torch.overrides import _get_current_function_mode_stack as modes
+from megatron_gopd.rollout.base import SamplingParams
+from megatron_gopd.rollout.hf_engine import HFRolloutEngine
+from megatron_gopd.runtime import cpu_compat
+
+assert cpu_compat.apply_if_needed()  # as in every training process on a CPU
+engine = HFRolloutEngine.from_pretrained({str(tmp_path)!r})
+seen, forward = [], engine.model.forward
+engine.model.forward = lambda *a, **k: seen.append(list(modes())) or forward(*a, **k)
+engine.generate([[5, 17, 42]], SamplingParams(temperature=1.0, max_new_tokens=3, seed=1))
+assert len(seen) == 3 and all(cpu_compat._rewrite not in m for m in seen), seen
+assert modes()[-1] is cpu_compat._rewrite
+assert torch.zeros(1, device="cuda").device.type == "cpu"  # megatron's hard-coded CUDA still lands on the CPU
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from megatron_gopd.models.hf_io import hub_parameters
 from megatron_gopd.rollout.base import Sample, SamplingParams, WeightStream
+from megatron_gopd.runtime.cpu_compat import plain_torch
 
 
 def processed_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -94,7 +95,8 @@ class HFRolloutEngine:
         else:
             generator.seed()
         for start in range(0, len(prompts), self.max_batch_size):
-            batch = self._generate_batch(prompts[start:start + self.max_batch_size], params, generator)
+            with plain_torch():
+                batch = self._generate_batch(prompts[start:start + self.max_batch_size], params, generator)
             yield from enumerate(batch, start)
 
     @torch.no_grad()

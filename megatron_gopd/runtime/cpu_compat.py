@@ -8,12 +8,14 @@ absent, once per process, before any megatron model is built. On a GPU this modu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _applied = False
+_rewrite: TorchFunctionMode | None = None  # the process-wide CUDA-to-CPU rewrite, once applied
 
 
 class _NoOpStream:
@@ -151,7 +153,7 @@ def _patch_router_gemm_without_te():
 def apply_if_needed() -> bool:
     """Apply every shim when CUDA is absent (the TE-symbol one whenever TE is). Returns True when the CPU shims
     are active. Idempotent."""
-    global _applied
+    global _applied, _rewrite
     _patch_router_gemm_without_te()
     if torch.cuda.is_available():
         return False
@@ -162,6 +164,25 @@ def apply_if_needed() -> bool:
         _patch_streams()
         _patch_tensor_type()
         _patch_moe_split_sizes()
-        _CudaFactoryToCpu().__enter__()  # stays active for the life of the process
+        _rewrite = _CudaFactoryToCpu()
+        _rewrite.__enter__()  # stays active for the life of the process, but for plain_torch() blocks
         _applied = True
     return True
+
+
+@contextlib.contextmanager
+def plain_torch():
+    """Runs a block without the CUDA-to-CPU rewrite, at plain torch's speed: the mode puts a Python call in front of
+    every torch call, and only megatron's own code needs it (the rollout engine never names CUDA). A no-op where the
+    rewrite is not active, or not the innermost mode (modes are a stack; only the top one can step aside)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    stack = _get_current_function_mode_stack()
+    if _rewrite is None or not stack or stack[-1] is not _rewrite:
+        yield
+        return
+    _rewrite.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _rewrite.__enter__()
