@@ -17,6 +17,8 @@ prints the same markdown. Sections:
   moe        8. a mixture-of-experts student step against a dense one of the same active parameters, world 1
              and EP=2 (bench_moe.py; reported, no target)
   plan      10. the memory planner's estimates against measured peak memory of training steps (bench_memory_plan.py)
+  soak      11. a long G-OPD run under torchrun (a dedicated and a colocated teacher, checkpoints): each worker's
+             resident memory, descriptors and threads, and the checkpoints kept (bench_soak.py)
 --quick keeps the suite well under 10 minutes on 2 cores; the full size repeats more and adds sizes; --size smoke
 runs every section in seconds (the test suite runs it, so that a change that breaks the bench breaks a test).
 The TRL comparison needs the `bench` extra (`pip install -e ".[bench]"`).
@@ -42,6 +44,7 @@ from bench import (
     bench_moe,
     bench_opd_vs_trl,
     bench_rollout,
+    bench_soak,
     bench_teachers,
 )
 from bench.common import (
@@ -56,7 +59,7 @@ from bench.common import (
     verdict,
 )
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan", "soak")
 
 
 def _gpu(size: str) -> dict:
@@ -83,6 +86,7 @@ RUNNERS = {
     "moe": bench_moe.run,
     "gpu": _gpu,
     "plan": bench_memory_plan.run,
+    "soak": bench_soak.run,
 }
 
 
@@ -124,6 +128,7 @@ NOTES = {
     "overlap": bench_teachers.overlap_notes,
     "growth": bench_growth.notes,
     "plan": bench_memory_plan.notes,
+    "soak": bench_soak.notes,
 }
 MARKDOWN = {
     "logprobs": bench_logprobs.to_markdown,
@@ -136,13 +141,14 @@ MARKDOWN = {
     "moe": bench_moe.to_markdown,
     "gpu": _gpu_markdown,
     "plan": bench_memory_plan.to_markdown,
+    "soak": bench_soak.to_markdown,
 }
 TITLES = {"logprobs": "1. Log-prob and entropy kernel", "rollout": "2. Rollout engine and weight sync",
           "opd": "3. End-to-end OPD step against TRL", "teachers": "4. Teacher scaling",
           "overlap": "5. Streaming overlap", "growth": "6. Growth with the response length", "gpu": "7. GPU suite",
           "batching": "9. Batching long-tailed rows",
           "moe": "8. Mixture of experts",
-          "plan": "10. Memory planner against measured peaks"}
+          "plan": "10. Memory planner against measured peaks", "soak": "11. Soak"}
 
 
 def headline(results: dict) -> list[list]:
@@ -215,6 +221,8 @@ def headline(results: dict) -> list[list]:
         rows.append([f"10. memory planner / measured peak, {len(ratios)} settings of {p['model']}",
                      f"{min(ratios):.2f}-{max(ratios):.2f}", f"within +-{bench_memory_plan.TOLERANCE:.0%}",
                      verdict(p["meets_target"])])
+    if "soak" in results:
+        rows += bench_soak.headline_rows(results["soak"])
     return rows
 
 
@@ -258,7 +266,7 @@ def main() -> None:
     start = time.perf_counter()
     report = {"size": args.size, "machine": machine(), "threads_per_worker": THREADS or "default",
               "results": {}, "seconds": {}, "load_avg": {}, "errors": {}}
-    if set(sections) & {"opd", "teachers", "overlap", "rollout"}:
+    if set(sections) & {"opd", "teachers", "overlap", "rollout", "soak"}:
         checkpoints()  # the tiny models, once (cached between runs)
     for name in sections:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan", "soak")
 
 
 @pytest.fixture(scope="module")
