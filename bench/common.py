@@ -152,7 +152,7 @@ def smollm2_hf_dir() -> Path:
 THREADS = None if os.environ.get("BENCH_THREADS") == "default" else int(os.environ.get("BENCH_THREADS", "1"))
 
 
-def _env(threads: int | None) -> dict:
+def worker_env(threads: int | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
@@ -162,7 +162,7 @@ def _env(threads: int | None) -> dict:
 def run_script(script: Path, *args: str, timeout: float = 1800, threads: int | None = THREADS) -> dict | None:
     """Runs `python script args`; returns the JSON object on its last stdout line (None if it prints none)."""
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          env=_env(threads), cwd=ROOT, check=False)
+                          env=worker_env(threads), cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                            f"{proc.stderr[-6000:]}")
@@ -176,7 +176,7 @@ def torchrun(script: Path, nproc: int, *args: str, timeout: float = 1800, thread
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(script), "--out", str(out), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(threads), cwd=ROOT,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(threads), cwd=ROOT,
                               check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"

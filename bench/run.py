@@ -19,6 +19,8 @@ prints the same markdown. Sections:
   plan      10. the memory planner's estimates against measured peak memory of training steps (bench_memory_plan.py)
   async     11. one-step-off-policy training (rollout.max_staleness=1) against on-policy (0), a dedicated rollout
              engine rank beside the student: step time and the per-phase timeline (bench_async.py, world 2)
+  soak      12. a long G-OPD run under torchrun (a dedicated and a colocated teacher, checkpoints): each worker's
+             resident memory, descriptors and threads, and the checkpoints kept (bench_soak.py)
 --quick keeps the suite well under 10 minutes on 2 cores; the full size repeats more and adds sizes; --size smoke
 runs every section in seconds (the test suite runs it, so that a change that breaks the bench breaks a test).
 The TRL comparison needs the `bench` extra (`pip install -e ".[bench]"`).
@@ -45,6 +47,7 @@ from bench import (
     bench_moe,
     bench_opd_vs_trl,
     bench_rollout,
+    bench_soak,
     bench_teachers,
 )
 from bench.common import (
@@ -60,7 +63,7 @@ from bench.common import (
 )
 
 SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan",
-            "async")
+            "async", "soak")
 
 
 def _gpu(size: str) -> dict:
@@ -88,6 +91,7 @@ RUNNERS = {
     "gpu": _gpu,
     "plan": bench_memory_plan.run,
     "async": bench_async.run,
+    "soak": bench_soak.run,
 }
 
 
@@ -130,6 +134,7 @@ NOTES = {
     "growth": bench_growth.notes,
     "plan": bench_memory_plan.notes,
     "async": bench_async.notes,
+    "soak": bench_soak.notes,
 }
 MARKDOWN = {
     "logprobs": bench_logprobs.to_markdown,
@@ -143,6 +148,7 @@ MARKDOWN = {
     "gpu": _gpu_markdown,
     "plan": bench_memory_plan.to_markdown,
     "async": bench_async.to_markdown,
+    "soak": bench_soak.to_markdown,
 }
 TITLES = {"logprobs": "1. Log-prob and entropy kernel", "rollout": "2. Rollout engine and weight sync",
           "opd": "3. End-to-end OPD step against TRL", "teachers": "4. Teacher scaling",
@@ -150,7 +156,7 @@ TITLES = {"logprobs": "1. Log-prob and entropy kernel", "rollout": "2. Rollout e
           "batching": "9. Batching long-tailed rows",
           "moe": "8. Mixture of experts",
           "plan": "10. Memory planner against measured peaks",
-          "async": "11. One-step-off-policy training"}
+          "async": "11. One-step-off-policy training", "soak": "12. Soak"}
 
 
 def headline(results: dict) -> list[list]:
@@ -230,6 +236,8 @@ def headline(results: dict) -> list[list]:
                      (f"{a['step_time_ratio']:.2f}x ({a['ratio']['min']:.2f}-{a['ratio']['max']:.2f}; "
                       f"{steps['staleness_1']:.2f} vs {steps['staleness_0']:.2f} s/step)"),
                      f"<= {bench_async.TARGET}x", verdict(a["meets_target"])])
+    if "soak" in results:
+        rows += bench_soak.headline_rows(results["soak"])
     return rows
 
 
@@ -273,7 +281,7 @@ def main() -> None:
     start = time.perf_counter()
     report = {"size": args.size, "machine": machine(), "threads_per_worker": THREADS or "default",
               "results": {}, "seconds": {}, "load_avg": {}, "errors": {}}
-    if set(sections) & {"opd", "teachers", "overlap", "rollout", "async"}:
+    if set(sections) & {"opd", "teachers", "overlap", "rollout", "async", "soak"}:
         checkpoints()  # the tiny models, once (cached between runs)
     for name in sections:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 A checkpoint directory (both kinds) holds:
 
     megatron_gopd.json       metadata: format version, kind, model_type, dtype, the parallel sizes it was written
-                             with, the architecture numbers; written last, so a directory without it is incomplete
+                             with, the architecture numbers (a training checkpoint: also the optimizer's format);
+                             written last, so a directory without it is incomplete
     dist/                    a megatron-core dist checkpoint (torch_dist): the model, plus the optimizer in a
                              training checkpoint. Tensors are stored unsharded-by-layout, so they reshard on load.
     hf/                      (optional) the HF config, generation config and tokenizer files, so that later steps
@@ -25,6 +26,7 @@ those collectives are redirected to the role's group for the duration of the cal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -58,9 +60,11 @@ MANIFEST_FILE = "MANIFEST.json"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-# dp_reshardable: the only distributed-optimizer format that saves and loads on CPU (the default one fails with
-# "flattened_range is not supported"); it reshards over DP only.
-_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+# The distributed optimizer's checkpoint formats (megatron's `distrib_optim_sharding_type`) that save and load on
+# CPU (megatron's default one fails there with "flattened_range is not supported"), and the parallel sizes each lets
+# a resume change. dp_reshardable: every rank writes its own flat shard, no gather. fully_reshardable: the state is
+# gathered over DP at each save and stored per parameter, laid out like the weights, so it reshards as they do.
+OPTIMIZER_FORMATS = {"dp_reshardable": ("dp",), "fully_reshardable": ("tp", "pp", "dp")}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Files of an HF model directory that are weights, not configuration: never copied into hf/.
 _HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")
@@ -145,6 +149,27 @@ def _restore_adam_steps(optimizer) -> None:
             for param in group["params"]:
                 state = opt.optimizer.state[param]
                 state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+
+@contextlib.contextmanager
+def _adam_step_passed_through(optimizer):
+    """megatron-core 0.16's fully_reshardable load over a torch Adam copies every entry of each parameter's state,
+    `step` included, from the loaded tensors, which never hold one (the step comes from the param groups): a
+    KeyError. Hand each parameter's current step through; `_restore_adam_steps` then sets the saved one."""
+    patched = [opt for opt in _torch_adams(optimizer) if isinstance(opt, DistributedOptimizer)]
+    for opt in patched:
+        set_states = opt._set_main_param_and_optimizer_states
+
+        def with_step(model_param, tensors, opt=opt, set_states=set_states):
+            current = opt._get_main_param_and_optimizer_states(model_param)
+            set_states(model_param, {k: current[k] for k in current.keys() - tensors.keys()} | tensors)
+
+        opt._set_main_param_and_optimizer_states = with_step
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
 
 
 # ---- small file helpers -----------------------------------------------------------------------------------
@@ -377,11 +402,11 @@ def restore_rng_state(state: dict) -> None:
 # ---- training checkpoints ---------------------------------------------------------------------------------
 
 
-def _training_sharded_state_dict(trainable, *, is_loading: bool) -> dict:
+def _training_sharded_state_dict(trainable, optimizer_format: str, *, is_loading: bool) -> dict:
     _ensure_optimizer_state(trainable.optimizer)  # also lets a step-0 checkpoint be saved
     model = _model_sharded_state_dict(trainable.gpt)
     optimizer = trainable.optimizer.sharded_state_dict(model, is_loading=is_loading,
-                                                       metadata=dict(_OPTIMIZER_FORMAT))
+                                                       metadata={"distrib_optim_sharding_type": optimizer_format})
     return {"model": model, "optimizer": optimizer}
 
 
@@ -428,15 +453,19 @@ def save_training_checkpoint(
     keep_last: int,
     group: dist.ProcessGroup,
     hf_dir: PathLike | None = None,
+    optimizer_format: str = "dp_reshardable",
 ) -> Path:
     """Atomically writes `<root>/step_NNNNNNNN/` and points `<root>/latest` at it; keeps the last `keep_last`.
 
-    Saves the model and distributed optimizer (dp_reshardable), the LR scheduler, `trainer_state` (JSON-able),
-    and per rank the RNG states plus `rank_state` (tensors and plain values). Collective over `group`, the
-    student's ranks. On any failure every rank raises, and the previous checkpoint stays the latest.
+    Saves the model and distributed optimizer (in `optimizer_format`, one of OPTIMIZER_FORMATS), the LR scheduler,
+    `trainer_state` (JSON-able), and per rank the RNG states plus `rank_state` (tensors and plain values).
+    Collective over `group`, the student's ranks. On any failure every rank raises, and the previous checkpoint
+    stays the latest.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format must be one of {sorted(OPTIMIZER_FORMATS)}, got {optimizer_format!r}")
     json.dumps(trainer_state)  # fail before writing anything when it is not JSON-able
     root = Path(root)
     final = root / step_dir_name(step)
@@ -450,9 +479,9 @@ def save_training_checkpoint(
 
     _on_ranks(group, f"preparing {tmp}", prepare, first_only=True)
     try:
-        _dist_save(_training_sharded_state_dict(trainable, is_loading=False), tmp / DIST_DIR, group)
-        _on_ranks(group, f"writing {tmp}",
-                  lambda: _write_rank_files(tmp, trainable, step, trainer_state, rank_state, group, hf_dir))
+        _dist_save(_training_sharded_state_dict(trainable, optimizer_format, is_loading=False), tmp / DIST_DIR, group)
+        _on_ranks(group, f"writing {tmp}", lambda: _write_rank_files(tmp, trainable, step, trainer_state, rank_state,
+                                                                     group, hf_dir, optimizer_format))
         _write_manifest(tmp, group)
         _on_ranks(group, f"committing {final}", lambda: _commit(tmp, final, keep_last), first_only=True)
     except BaseException:
@@ -463,7 +492,7 @@ def save_training_checkpoint(
 
 
 def _write_rank_files(tmp: Path, trainable, step: int, trainer_state: dict, rank_state: dict | None,
-                      group: dist.ProcessGroup, hf_dir: PathLike | None) -> None:
+                      group: dist.ProcessGroup, hf_dir: PathLike | None, optimizer_format: str) -> None:
     rank = group.rank()
     (tmp / RANK_DIR).mkdir(exist_ok=True)
     torch.save({"rng": capture_rng_state(), "caller": rank_state or {}}, tmp / RANK_DIR / f"rank_{rank:05d}.pt")
@@ -473,7 +502,7 @@ def _write_rank_files(tmp: Path, trainable, step: int, trainer_state: dict, rank
         _write_json(tmp / TRAINER_FILE, {"trainer_state": trainer_state,
                                          "scheduler": trainable.scheduler.state_dict()})
         meta = _metadata(trainable.gpt, "training", hf_dir)
-        meta.update(step=step, world=group.size())
+        meta.update(step=step, world=group.size(), optimizer_format=optimizer_format)
         _write_json(tmp / META_FILE, meta)
 
 
@@ -569,25 +598,22 @@ def load_training_checkpoint(
     if directory is None:
         return None
     meta = read_checkpoint_metadata(directory)
-    pgc = trainable.pgc
-    # Checkpoints from before expert parallelism name no ep/etp: they were written without it (ep 1, etp = tp).
-    written = {"ep": 1, "etp": meta["parallel"]["tp"], **meta["parallel"]}
-    now = _parallel_sizes(pgc)
-    fixed = ("tp", "pp", "ep", "etp")
-    if any(written[k] != now[k] for k in fixed):
-        describe = lambda sizes: " ".join(f"{k.upper()}={sizes[k]}" for k in fixed)  # noqa: E731
-        raise ValueError(
-            f"{directory} was written at {describe(written)} but the student runs at {describe(now)}: the "
-            f"optimizer state (dp_reshardable) reshards over DP only. Start a new run from its weights with "
-            f"load_model instead"
-        )
+    optimizer_format = meta.get("optimizer_format", "dp_reshardable")  # the only one before the field existed
+    changed = check_layout(meta, _parallel_sizes(trainable.pgc), directory)
     _check_architecture(meta, trainable.gpt, directory)
     _check_same_dtype(meta, trainable.gpt, directory)
+    if changed and group.rank() == 0:
+        warnings.warn(f"resuming {directory} with {' and '.join(changed)} changed ({_describe(meta['parallel'], changed)}"
+                      f" -> {_describe(_parallel_sizes(trainable.pgc), changed)}): the weights and the optimizer state "
+                      "are resharded, and the data position carries over (a step's prompts do not depend on the layout)"
+                      + ("; the rollout seeds are per DP replica, so the samples are fresh draws from the same policy"
+                         if "dp" in changed else ""))
     with torch.no_grad(), collectives_scoped_to(group):
-        loaded = dist_checkpointing.load(_training_sharded_state_dict(trainable, is_loading=True),
+        loaded = dist_checkpointing.load(_training_sharded_state_dict(trainable, optimizer_format, is_loading=True),
                                          str(directory / DIST_DIR))
         trainable.gpt.load_state_dict(loaded["model"])
-        trainable.optimizer.load_state_dict(loaded["optimizer"])
+        with _adam_step_passed_through(trainable.optimizer):
+            trainable.optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(trainable.optimizer)
     training = _read_json(directory / TRAINER_FILE)
     trainable.scheduler.num_steps = 0  # its load_state_dict ADDS the saved step count to the current one
@@ -596,11 +622,35 @@ def load_training_checkpoint(
     if meta["world"] != group.size():
         if group.rank() == 0:
             warnings.warn(f"{directory} was written by {meta['world']} ranks, this run has {group.size()}: "
-                          "the per-rank RNG states are not restored, so the resume is not bit-exact")
+                          "the per-rank RNG states are not restored")
         return training["trainer_state"], {}
     per_rank = torch.load(rank_file, weights_only=True, map_location="cpu")
     restore_rng_state(per_rank["rng"])
     return training["trainer_state"], per_rank["caller"]
+
+
+def _describe(parallel: dict, sizes) -> str:
+    return " ".join(f"{k}={parallel[k]}" for k in sizes)
+
+
+def check_layout(meta: dict, now: dict, directory: Path) -> list[str]:
+    """The parallel sizes that differ between a training checkpoint's metadata and this run (`now`); raises,
+    naming them, when the checkpoint's optimizer format cannot reshard over one of them."""
+    # Checkpoints from before expert parallelism name no ep/etp: they were written without it (ep 1, etp = tp).
+    written = {"ep": 1, "etp": meta["parallel"]["tp"], **meta["parallel"]}
+    sizes = ("tp", "pp", "dp") + (("ep", "etp") if meta["architecture"].get("num_moe_experts") else ())
+    changed = [k for k in sizes if written[k] != now[k]]
+    optimizer_format = meta.get("optimizer_format", "dp_reshardable")
+    fixed = [k for k in changed if k not in OPTIMIZER_FORMATS[optimizer_format]]
+    if fixed:
+        hint = ("; write the checkpoints with checkpoint.fully_reshardable=true to change tp or pp"
+                if optimizer_format == "dp_reshardable" and not {"ep", "etp"} & set(fixed) else "")
+        raise ValueError(
+            f"cannot resume {directory}: it was written at {_describe(written, sizes)}, this run is "
+            f"{_describe(now, sizes)}; {' and '.join(fixed)} changed, and its optimizer state ({optimizer_format}) "
+            f"reshards over {' and '.join(OPTIMIZER_FORMATS[optimizer_format])} only. Resume at "
+            f"{_describe(written, fixed)}{hint}, or start a new run from its weights (student.path)")
+    return changed
 
 
 # ---- the owner of a run's resumable state -----------------------------------------------------------------
@@ -620,13 +670,14 @@ class TrainingCheckpointer:
     the prompt sampler); `restore` puts all of it back. Collective over `group`, the student's ranks."""
 
     def __init__(self, root: PathLike, trainable, states: dict[str, Stateful], *, group: dist.ProcessGroup,
-                 keep_last: int, hf_dir: PathLike | None = None):
+                 keep_last: int, hf_dir: PathLike | None = None, fully_reshardable: bool = False):
         self.root, self.trainable, self.states = Path(root), trainable, states
         self.group, self.keep_last, self.hf_dir = group, keep_last, hf_dir
+        self.optimizer_format = "fully_reshardable" if fully_reshardable else "dp_reshardable"
 
     def save(self, step: int) -> Path:
         return save_training_checkpoint(self.root, step, self.trainable, keep_last=self.keep_last, group=self.group,
-                                        hf_dir=self.hf_dir,
+                                        hf_dir=self.hf_dir, optimizer_format=self.optimizer_format,
                                         trainer_state={name: s.state_dict() for name, s in self.states.items()})
 
     def restore(self, resume: str) -> bool:

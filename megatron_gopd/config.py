@@ -148,6 +148,10 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 10
     keep_last: int = 3
+    # the distributed optimizer's state stored per parameter, so that a resume may change TP and PP as well as DP;
+    # each save gathers it over DP (every DP rank holds its model shard's whole Adam state in host memory meanwhile).
+    # false: each rank writes its flat shard, which reshards over DP only (megatron's default)
+    fully_reshardable: bool = False
 
 
 @dataclass

@@ -96,7 +96,7 @@ class Session:
             Path(cfg.train.output_dir) / "checkpoints", self.student,
             {**states, "data": self.dataset},
             group=self.layout.student.world, keep_last=cfg.checkpoint.keep_last,
-            hf_dir=Path(cfg.student.path) / "hf")
+            hf_dir=Path(cfg.student.path) / "hf", fully_reshardable=cfg.checkpoint.fully_reshardable)
 
     def shutdown(self) -> None:
         self.scoring.shutdown()

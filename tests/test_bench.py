@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan", "async")
+SECTIONS = ("logprobs", "rollout", "opd", "teachers", "overlap", "growth", "batching", "gpu", "moe", "plan", "async",
+            "soak")
 
 
 @pytest.fixture(scope="module")
