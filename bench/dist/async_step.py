@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch.distributed as dist  # noqa: E402
 
 from megatron_gopd.config import load_config  # noqa: E402
+from megatron_gopd.preflight import check_run  # noqa: E402
 from megatron_gopd.runtime.distributed import init_distributed, seed_everything  # noqa: E402
-from megatron_gopd.session import build_session, check_run  # noqa: E402
+from megatron_gopd.session import build_session  # noqa: E402
 from megatron_gopd.trainer import Trainer  # noqa: E402
 
 parser = argparse.ArgumentParser()
