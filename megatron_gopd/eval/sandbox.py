@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -182,7 +183,7 @@ def detect_isolation(backend: Backend | None = None, python: str | None = None) 
 _DETECT_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _detect_isolation(backend: Backend | None, python: str | None) -> Isolation:
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown sandbox backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -260,6 +261,24 @@ def _kill_tree(proc: subprocess.Popen, backend: Backend) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+    if backend == "none":
+        _wait_group_reaped(proc.pid, REAP_GRACE_S)
+
+
+def _wait_group_reaped(pgid: int, timeout_s: float) -> None:
+    """Without a pid namespace the killed group's orphans are reparented to the machine's init, and until it reaps
+    them their zombies count against the sandbox user's RLIMIT_NPROC: the next run's first fork would fail with EAGAIN
+    (a correct answer scored wrong). Container inits often reap only every second or two, so wait for that here.
+    Signal 0 reaches zombies too, so the group is gone exactly when it fails with ESRCH."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    warnings.warn(f"sandbox: processes of killed group {pgid} are still unreaped after {timeout_s:.0f}s (the machine's "
+                  "init does not reap them); later runs may hit the process limit")
 
 
 def _remove_workdir(path: str) -> None:
