@@ -150,6 +150,30 @@ RECIPES = {  # each recipe's GPUs (its launch script: student + dedicated frozen
 }
 
 
+def plan_rows(out: str) -> dict[tuple[str, ...], int]:
+    """tools/plan.py's table: {(weights, grads, ..., update, peak): ranks}, rows of equal numbers merged."""
+    rows: dict[tuple[str, ...], int] = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] != "role":
+            rows[tuple(cells[3:12])] = rows.get(tuple(cells[3:12]), 0) + int(cells[2])
+    return rows
+
+
+def readme_recipe_rows(recipe: str) -> tuple[str, dict[tuple[str, ...], int]]:
+    """The README's recipe table for one recipe: its GPUs cell and {(weights, ..., update, peak): ranks}, the peak
+    being the bold phase ("4 + 4" ranks: two roles on one line)."""
+    gpus, rows = None, {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith(f"| {recipe} ("):
+            gpus = cells[0].removeprefix(recipe).strip(" ()")
+            [peak] = [c.strip("*") for c in cells[3:] if c.startswith("**")]
+            numbers = tuple(c.strip("*") for c in cells[3:]) + (peak,)
+            rows[numbers] = rows.get(numbers, 0) + sum(int(n) for n in cells[2].split("+"))
+    return gpus, rows
+
+
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipes_fit_their_gpus_at_the_papers_lengths(recipe, capsys):
     world, gib = RECIPES[recipe]
@@ -158,10 +182,35 @@ def test_recipes_fit_their_gpus_at_the_papers_lengths(recipe, capsys):
     assert (cfg.data.max_prompt_len, cfg.rollout.max_new_tokens) == (2048, 16384)
     args = ["--config", str(ROOT / recipe), "--world-size", str(world), "--gpu-memory-gb", str(gib)]
     assert plan_main(args) == 0
-    assert "fits: peak" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fits: peak" in out
+    gpus, readme = readme_recipe_rows(recipe.split("/")[1])
+    if recipe.endswith("/config.yaml"):  # the README's table: every rank kind's phases as printed, in GiB
+        assert gpus == (str(world) if gib == 80 else f"{world} of {gib} GB")
+        assert readme == plan_rows(out)
     # as they were before recompute and token budgets: micro-batches of 2 to 8 rows of 18k tokens
     assert plan_main(args + ["train.recompute=none", "train.max_tokens_per_micro_batch=null"]) == 1
     assert "OVER BUDGET: student" in capsys.readouterr().out
+
+
+def test_readme_worked_example_and_the_recipes_without_recompute(capsys):
+    """The README's numbers for the recipes as they were (no recompute, no token budget): the multi-teacher
+    recipe's activations and the fix the planner names, and the students' peaks, 337-739 GiB, in micro-batches of
+    2 to 8 rows of 18k tokens."""
+    student_peaks, rows_per_micro_batch = [], set()
+    for recipe, (world, gib) in RECIPES.items():
+        args = ["--config", str(ROOT / recipe), "--world-size", str(world), "--gpu-memory-gb", str(gib),
+                "train.recompute=none", "train.max_tokens_per_micro_batch=null"]
+        assert plan_main(args) == 1
+        out = capsys.readouterr().out
+        if recipe == "examples/qwen3_4b_multi_teacher/config.yaml":
+            assert "activations 340.1 GiB (knobs: train.recompute, " in out
+            assert "fits with:\n  train.recompute=full  (peak 64.6 GiB)\n" in out
+        tokens = int(out.split("micro-batches of ")[1].split(" tokens")[0])
+        rows_per_micro_batch.add(tokens // 18432)
+        student_peaks += [float(line.split("|")[12]) for line in out.splitlines() if line.startswith("| student")]
+    assert (round(min(student_peaks)), round(max(student_peaks))) == (337, 739)
+    assert rows_per_micro_batch == {2, 4, 8}
 
 
 def test_recipe_models_are_the_public_qwen3_configs():
