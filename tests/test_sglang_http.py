@@ -142,6 +142,25 @@ def test_retries_end_with_the_server_and_last_status_and_4xx_is_not_retried(stan
     faults.clear()
 
 
+def test_retries_end_within_the_timeout(stand_in_server):
+    """README: the retries all end within faults.exchange_timeout_s. With the real backoff, 3 retries pause 0.5 +
+    1 + 2 s, more than a 3 s budget: the client retries while a pause and a 1 s attempt still fit, then fails with
+    its last status, by the deadline (a quarter second allowed for the threads' scheduling)."""
+    url, _, requests, faults = stand_in_server
+    # 500 at once: attempts at 0, 0.5 and 1.5 s, the third pause (to 3.5 s) does not fit; an answer late by 2.5 s:
+    # attempts give up after 1 s, at 0 and 1.5 s, the second pause (to 3.5 s) does not fit
+    for fault, attempts, status in (("500", 3, "HTTP 500"), ("late", 2, "TimeoutError")):
+        faults[:] = [fault] * 4
+        before, start = len(requests), time.monotonic()
+        with pytest.raises(RuntimeError, match=rf"failed after {attempts} attempt\(s\); last status: {status}.*; "
+                                               r"no time left to retry within 3s"):
+            SGLangHTTPModel("big", url, timeout_s=3, retries=3).score_async([[5, 9]]).result(60)
+        elapsed = time.monotonic() - start
+        assert len(requests) - before == attempts
+        assert elapsed < 3 + 0.25
+        faults.clear()
+
+
 def test_a_missing_logprob_becomes_nan_so_that_the_sample_is_dropped_and_counted(stand_in_server):
     url, _, _, faults = stand_in_server
     faults[:] = ["null"]

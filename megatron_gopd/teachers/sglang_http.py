@@ -8,8 +8,9 @@ temperature 1, so the config requires rollout.temperature == 1 with such a model
 
 Over a long run the network fails now and then: a connection error, a 5xx answer, a timeout or a malformed reply
 is retried `retries` times with exponential backoff (0.5 s, 1 s, 2 s, ... at most 8 s), all within the client's
-`timeout_s`; a 4xx answer (our request is wrong) is not. Every reply is checked: one result per sequence and one
-log-prob per input token. A missing or non-finite log-prob becomes NaN, which drops (and counts) that sample.
+`timeout_s` (fewer retries when they would not fit); a 4xx answer (our request is wrong) is not. Every reply is
+checked: one result per sequence and one log-prob per input token. A missing or non-finite log-prob becomes NaN,
+which drops (and counts) that sample.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
+MIN_ATTEMPT_S = 1.0  # the shortest wait for an answer worth a retry
 
 
 def build_request(rows: list[list[int]]) -> dict:
@@ -73,14 +75,17 @@ class SGLangHTTPModel:
 
     def _post(self, rows: list[list[int]]) -> list[torch.Tensor]:
         delays = backoff_delays(self.retries)
-        # every attempt and every pause fit in timeout_s, the time the scorer waits for the answer
-        attempt_timeout = max((self.timeout_s - sum(delays)) / (self.retries + 1), 1.0)
+        # every attempt and every pause end by the deadline, timeout_s from now (the time the scorer waits for the
+        # answer): an attempt gets its share of what the pauses leave, at least MIN_ATTEMPT_S when there is that
+        # much time left, and a retry whose pause would leave less is not made
+        share = max((self.timeout_s - sum(delays)) / (self.retries + 1), MIN_ATTEMPT_S)
+        deadline = time.monotonic() + self.timeout_s
         body = json.dumps(build_request(rows)).encode()
         for attempt, delay in enumerate(delays + [None]):
             request = urllib.request.Request(f"{self.url}/generate", data=body,
                                              headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=attempt_timeout) as reply:
+                with urllib.request.urlopen(request, timeout=min(share, deadline - time.monotonic())) as reply:
                     return parse_response(json.loads(reply.read()), [len(r) for r in rows])
             except urllib.error.HTTPError as e:
                 status = f"HTTP {e.code} {e.reason}"
@@ -92,6 +97,8 @@ class SGLangHTTPModel:
                 status = f"bad reply: {e}"
             if delay is None:
                 raise RuntimeError(self._failed(attempt, status))
+            if time.monotonic() + delay + MIN_ATTEMPT_S > deadline:
+                raise RuntimeError(self._failed(attempt, f"{status}; no time left to retry within {self.timeout_s:g}s"))
             time.sleep(delay)
 
     def _failed(self, attempt: int, status: str) -> str:
