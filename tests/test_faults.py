@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -152,6 +153,46 @@ def test_nan_gradients_on_one_rank_skip_the_update_on_every_rank(tmp_path):
                                  "grad_norm_finite": True}, rank
         assert poisoned == {"update_ok": False, "changed": False, "scheduler_advanced": 0,
                             "grad_norm_finite": False}, rank
+
+
+def test_non_finite_gradients_are_counted_as_skipped_steps_and_too_many_in_a_row_stop_the_run(tmp_path,
+                                                                                                monkeypatch):
+    """Trainer.update in-process, over a stand-in student whose optimizer step reports non-finite gradients (that
+    every rank agrees to skip: the test above): the step's metrics are exactly {"faults/skipped_step": 1.0}, the
+    count of skips in a row grows and a good update resets it, and the skip after faults.max_consecutive_skips (2)
+    in a row stops the run."""
+    import torch
+
+    from megatron_gopd import trainer
+    from megatron_gopd.config import load_config
+
+    monkeypatch.setattr(trainer, "_sum_over", lambda value, group: float(value))  # one DP rank
+    config = tmp_path / "c.yaml"
+    config.write_text("student: {path: s}\nteachers: [{name: t, path: t, domains: [math]}]\n"
+                      "data: {train: [x.jsonl]}\nfaults: {max_consecutive_skips: 2}\n")
+    finite = iter([False, False, True, False, False, False])
+
+    class Student:
+        def train_step(self, micro_batches, loss_fn, temperature):
+            ok = next(finite)
+            return {"loss": 0.5}, {"update_ok": ok, "grad_norm": 1.0 if ok else float("nan"), "lr": 1e-3}
+
+    log = []
+    t = trainer.Trainer.__new__(trainer.Trainer)
+    t.cfg = load_config(config)
+    t.s = SimpleNamespace(student=Student(), logger=SimpleNamespace(write=log.append), dp=None)
+    t.state, t.old_logprobs = trainer.TrainerState(), "train_forward"
+    batch = trainer.StepBatch(items=[], samples=[], plan=None,
+                              micro_batches=[{"loss_mask": torch.ones(1, 4), "row_ids": torch.zeros(1, 4).long()}])
+    got = [(t.update(batch), t.state.consecutive_skips) for _ in range(5)]
+    assert got == [({"faults/skipped_step": 1.0}, 1), ({"faults/skipped_step": 1.0}, 2),
+                   ({"loss": 0.5, "grad_norm": 1.0, "lr": 1e-3}, 0),
+                   ({"faults/skipped_step": 1.0}, 1), ({"faults/skipped_step": 1.0}, 2)]
+    with pytest.raises(RuntimeError, match=r"^3 consecutive steps were skipped \(last: the gradients were not "
+                                           r"finite\); stopping"):
+        t.update(batch)
+    assert log[:2] == ["skipping the update: the gradients were not finite (1 in a row)",
+                       "skipping the update: the gradients were not finite (2 in a row)"]
 
 
 def test_malformed_dataset_rows_are_counted_by_kind(tiny_checkpoints, tmp_path):
