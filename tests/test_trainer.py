@@ -46,6 +46,28 @@ def test_run_writes_logs_and_checkpoints(straight):
         assert line["time/step_s"] >= line["time/rollout_s"] + line["time/update_s"]
 
 
+def test_the_latest_pointer_converts_to_a_clean_hf_checkpoint(straight, tmp_path):
+    """README: tools/convert_megatron_to_hf.py takes a training run's `latest` pointer: it converts the checkpoint
+    the pointer names (step 4: the same tensors as from that directory, other than step 3's, which is kept too),
+    and transformers loads the result with no missing or unexpected keys."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    checkpoints = straight[0] / "run" / "checkpoints"
+    converted = {}
+    for load in ("latest", "step_00000004", "step_00000003"):
+        done = subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--load-dir", str(checkpoints / load),
+                               "--save-dir", str(tmp_path / load)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        converted[load] = {k: v for f in (tmp_path / load).glob("*.safetensors") for k, v in load_file(f).items()}
+    latest, step4, step3 = converted.values()
+    assert sorted(latest) == sorted(step4) and all(latest[k].equal(step4[k]) for k in step4)
+    assert not all(latest[k].equal(step3[k]) for k in step3)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "latest", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
 def test_resume_is_exact_from_latest_from_a_directory_and_never(straight, tiny_checkpoints, tmp_path):
     _, want = straight
     # the same run in two halves: 2 steps, stop, resume, 2 more
