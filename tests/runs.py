@@ -16,6 +16,13 @@ from tests.tiny import tiny_tokenizer
 VOLATILE = ("time/", "throughput/", "memory/", "data/")  # per process, not per step
 
 
+def minimal_config(tmp_path: Path) -> Path:
+    """A config with no files behind it: load_config validates it alone (no run checks)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("student: {path: s}\nteachers: [{name: t, path: t, domains: [math]}]\ndata: {train: [x.jsonl]}\n")
+    return path
+
+
 def write_run(tmp_path: Path, ckpts: Path, **overrides) -> Path:
     """A 2-domain prompt set over the tiny tokenizer, and a config with two colocated teachers."""
     rows = []

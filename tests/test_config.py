@@ -6,7 +6,7 @@ import yaml
 from megatron_gopd.config import ConfigError, load_config
 from megatron_gopd.preflight import check_run
 from tests.conftest import ROOT
-from tests.runs import write_run
+from tests.runs import minimal_config, write_run
 
 
 def load(path, overrides=(), world_size=2):
@@ -142,3 +142,34 @@ def test_the_readme_error_examples_are_the_real_ones(override, message, tiny_che
         load(write_run(tmp_path, tiny_checkpoints), [override])
     assert str(error.value) == message
     assert f"`config error: {message}`" in (ROOT / "README.md").read_text().replace("\n", " ")
+
+
+@pytest.mark.parametrize("dtype, distributed_optimizer, accepted", [
+    ("fp32", True, True), ("bf16", True, True), ("bf16", False, True), ("fp32", False, False)])
+def test_offload_optimizer_needs_the_distributed_optimizer_or_bf16(dtype, distributed_optimizer, accepted, tmp_path):
+    """README: train.offload_optimizer needs the distributed optimizer or bf16 (else the optimizer steps the model's
+    own weights, which the rollout needs on the GPU); without offloading every combination is accepted."""
+    settings = [f"student.dtype={dtype}", f"optim.distributed_optimizer={str(distributed_optimizer).lower()}"]
+    assert not load_config(minimal_config(tmp_path), settings).train.offload_optimizer  # the default
+    if accepted:
+        assert load_config(minimal_config(tmp_path), [*settings, "train.offload_optimizer=true"]).train.offload_optimizer
+    else:
+        with pytest.raises(ConfigError, match=r"^train.offload_optimizer: needs optim.distributed_optimizer or "
+                                              r"student.dtype bf16 \(otherwise the optimizer steps the model's own "):
+            load_config(minimal_config(tmp_path), [*settings, "train.offload_optimizer=true"])
+
+
+@pytest.mark.parametrize("tp, engine_tp, accepted", [
+    (1, None, True), (1, 1, True), (1, 2, False), (2, None, True), (2, 1, True), (2, 2, True), (2, 4, False),
+    (4, 2, False)])
+def test_rollout_engine_tp_is_1_or_the_students_tp(tp, engine_tp, accepted, tmp_path):
+    """README: the SGLang engine spans rollout.engine_tp of each replica's first-stage TP ranks, 1 or the student's
+    TP (the default, null); any other value is a config error naming the key (the engines built from it:
+    tests/test_sglang_engine.py)."""
+    settings = [f"student.parallel.tp={tp}", f"rollout.engine_tp={'null' if engine_tp is None else engine_tp}"]
+    if accepted:
+        assert load_config(minimal_config(tmp_path), settings).rollout.engine_tp == engine_tp
+    else:
+        with pytest.raises(ConfigError) as error:
+            load_config(minimal_config(tmp_path), settings)
+        assert str(error.value) == f"rollout.engine_tp: must be 1 or student.parallel.tp ({tp}), got {engine_tp}"

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import ROOT, run_torchrun
-from tests.runs import launch, metrics, write_run
+from tests.runs import launch, metrics, minimal_config, write_run
 
 DEDICATED = [  # world 3: the student on rank 0, a dedicated math teacher on rank 1, code on rank 2
     {"name": "math", "domains": ["math"], "placement": "dedicated"},
@@ -167,9 +167,6 @@ def test_non_finite_gradients_are_counted_as_skipped_steps_and_too_many_in_a_row
     from megatron_gopd.config import load_config
 
     monkeypatch.setattr(trainer, "_sum_over", lambda value, group: float(value))  # one DP rank
-    config = tmp_path / "c.yaml"
-    config.write_text("student: {path: s}\nteachers: [{name: t, path: t, domains: [math]}]\n"
-                      "data: {train: [x.jsonl]}\nfaults: {max_consecutive_skips: 2}\n")
     finite = iter([False, False, True, False, False, False])
 
     class Student:
@@ -179,7 +176,7 @@ def test_non_finite_gradients_are_counted_as_skipped_steps_and_too_many_in_a_row
 
     log = []
     t = trainer.Trainer.__new__(trainer.Trainer)
-    t.cfg = load_config(config)
+    t.cfg = load_config(minimal_config(tmp_path), ["faults.max_consecutive_skips=2"])
     t.s = SimpleNamespace(student=Student(), logger=SimpleNamespace(write=log.append), dp=None)
     t.state, t.old_logprobs = trainer.TrainerState(), "train_forward"
     batch = trainer.StepBatch(items=[], samples=[], plan=None,

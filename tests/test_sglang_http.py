@@ -14,6 +14,7 @@ import torch
 from megatron_gopd.config import ConfigError, load_config
 from megatron_gopd.teachers import sglang_http
 from megatron_gopd.teachers.sglang_http import SGLangHTTPModel, backoff_delays, build_request, parse_response
+from tests.runs import minimal_config
 from tests.tiny import tiny_hf_model
 
 
@@ -170,8 +171,7 @@ def test_a_missing_logprob_becomes_nan_so_that_the_sample_is_dropped_and_counted
 
 def test_backoff_is_bounded_and_retries_are_configured(tmp_path):
     assert backoff_delays(6) == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
-    config = tmp_path / "c.yaml"
-    config.write_text("student: {path: s}\nteachers: [{name: t, path: t, domains: [math]}]\ndata: {train: [x.jsonl]}\n")
+    config = minimal_config(tmp_path)
     assert load_config(config).faults.http_retries == 3
     assert load_config(config, ["faults.http_retries=0"]).faults.http_retries == 0
     with pytest.raises(ConfigError, match="faults.http_retries: must be >= 0"):
