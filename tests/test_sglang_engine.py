@@ -318,3 +318,44 @@ def test_colocated_sglang_run_on_one_gpu(tiny_checkpoints_bf16, tmp_path):
     for step in (1, 2):
         assert math.isfinite(m[step]["loss"]) and m[step]["grad_norm"] > 0, m[step]
         assert abs(m[step]["mismatch/abs_mean"]) < 5e-2, m[step]
+
+
+class Rank:
+    """A stand-in process group, seen from one of its ranks."""
+
+    def __init__(self, rank: int):
+        self._rank = rank
+
+    def rank(self) -> int:
+        return self._rank
+
+
+@pytest.mark.parametrize("tp, engine_tp, engine_ranks", [(2, None, 2), (2, 2, 2), (2, 1, 1), (4, None, 4),
+                                                         (4, 1, 1), (1, None, 1)])
+def test_the_engine_spans_engine_tp_of_the_first_stages_tp_ranks(tp, engine_tp, engine_ranks, tmp_path, monkeypatch):
+    """README: the SGLang engine runs on rollout.engine_tp of each replica's first-stage TP ranks (default: the
+    student's TP), and each of those trainer ranks hands its weights to its own engine rank. build_rollout on every
+    rank of a TP x PP=2 replica, with the process groups stood in: the leader alone starts an engine, of
+    engine_ranks GPUs (over its TP group when more than one); first-stage TP ranks 1 .. engine_ranks-1 get a
+    WeightHandoff over their TP group; no other rank takes part."""
+    from megatron_gopd.config import load_config
+    from megatron_gopd.rollout import build, sglang_engine
+    from tests.runs import minimal_config
+
+    cfg = load_config(minimal_config(tmp_path), ["rollout.engine=sglang", f"student.parallel.tp={tp}",
+                                                 "student.parallel.pp=2",
+                                                 f"rollout.engine_tp={'null' if engine_tp is None else engine_tp}"])
+    engines, handoffs = [], []
+    monkeypatch.setattr(build, "make_engine",
+                        lambda cfg, tp_size, tp_group: engines.append((tp_size, tp_group)) or object())
+    monkeypatch.setattr(sglang_engine, "WeightHandoff", lambda bucket_bytes, group: handoffs.append(group) or object())
+    tp_groups = {}
+    for pp_rank in range(2):
+        for tp_rank in range(tp):
+            tp_groups[tp_rank, pp_rank] = Rank(tp_rank)
+            pgc = types.SimpleNamespace(mp=Rank(pp_rank * tp + tp_rank), tp=tp_groups[tp_rank, pp_rank],
+                                        pp=Rank(pp_rank))
+            rollout = build.build_rollout(cfg, None, types.SimpleNamespace(pg_collection=pgc), None, None)
+            assert rollout.engine_ranks == engine_ranks
+    assert engines == [(engine_ranks, tp_groups[0, 0] if engine_ranks > 1 else None)]
+    assert handoffs == [tp_groups[r, 0] for r in range(1, engine_ranks)]
