@@ -150,13 +150,14 @@ def test_offload_optimizer_needs_the_distributed_optimizer_or_bf16(dtype, distri
     """README: train.offload_optimizer needs the distributed optimizer or bf16 (else the optimizer steps the model's
     own weights, which the rollout needs on the GPU); without offloading every combination is accepted."""
     settings = [f"student.dtype={dtype}", f"optim.distributed_optimizer={str(distributed_optimizer).lower()}"]
-    assert not load_config(minimal_config(tmp_path), settings).train.offload_optimizer  # the default
+    config = minimal_config(tmp_path)
+    assert not load_config(config, settings).train.offload_optimizer  # the default
     if accepted:
-        assert load_config(minimal_config(tmp_path), [*settings, "train.offload_optimizer=true"]).train.offload_optimizer
+        assert load_config(config, [*settings, "train.offload_optimizer=true"]).train.offload_optimizer
     else:
         with pytest.raises(ConfigError, match=r"^train.offload_optimizer: needs optim.distributed_optimizer or "
                                               r"student.dtype bf16 \(otherwise the optimizer steps the model's own "):
-            load_config(minimal_config(tmp_path), [*settings, "train.offload_optimizer=true"])
+            load_config(config, [*settings, "train.offload_optimizer=true"])
 
 
 @pytest.mark.parametrize("tp, engine_tp, accepted", [
