@@ -136,3 +136,24 @@ def test_grpo_advantages_and_gradient_land_on_each_rows_response_tokens(small_vo
     assert abs(out["grad_norm"] - out["reference_grad_norm"]) < 1e-4 * out["reference_grad_norm"], out
     assert out["descent_ratio"] > 0.95, out  # 1.0 up to Adam's eps and second order; wrong rows give about 0
     assert abs(out["descent_ratio_shuffled"]) < 0.5, out
+
+
+@pytest.mark.parametrize("old_logprobs, updates_per_batch, source", [
+    ("auto", 1, "update"), ("train_forward", 1, "update"), ("auto", 2, "old_lp"), ("recompute", 1, "old_lp"),
+    ("rollout", 1, "rollout_lp")])
+def test_pi_old_comes_from_where_algo_old_logprobs_says(old_logprobs, updates_per_batch, source, tmp_path):
+    """README: algo.old_logprobs auto takes pi_old from the update's own forward when algo.updates_per_batch is 1
+    (exact: the forward's very numbers, detached), else from the pass before the update (old_lp; the trainer runs
+    that pass only then: tests/test_rollout.py)."""
+    import torch
+
+    from megatron_gopd.algo.objectives import Objective
+    from megatron_gopd.config import load_config
+    from tests.runs import minimal_config
+
+    cfg = load_config(minimal_config(tmp_path), [f"algo.old_logprobs={old_logprobs}",
+                                                 f"algo.updates_per_batch={updates_per_batch}"])
+    lp = torch.randn(2, 5, requires_grad=True)  # the update's forward
+    mb = {"old_lp": torch.randn(2, 5), "rollout_lp": torch.randn(2, 5)}
+    old = Objective(cfg, None).old_logprobs(mb, lp)
+    assert torch.equal(old, lp if source == "update" else mb[source]) and not old.requires_grad

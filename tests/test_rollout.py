@@ -85,9 +85,13 @@ def test_sampling_params_are_validated():
             SamplingParams(**bad)
 
 
-def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(monkeypatch):
+@pytest.mark.parametrize("old_logprobs, updates_per_batch, pi_old_pass", [
+    ("recompute", 1, True), ("auto", 2, True), ("auto", 1, False), ("train_forward", 1, False)])
+def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(old_logprobs, updates_per_batch,
+                                                                              pi_old_pass, monkeypatch):
     """Issue 5: Trainer.train's order of rollout and training phases, with the phases and the session faked (no
-    process groups)."""
+    process groups). README: with algo.old_logprobs auto and one update per batch, pi_old is the update's own forward
+    (tests/test_objectives.py), so no forward of the student's computes it; with two updates, one per step does."""
     import contextlib
     from types import SimpleNamespace
 
@@ -114,12 +118,13 @@ def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(m
         def start(self, step):
             pass
 
+    def student_forward(micro_batches, temperature):
+        calls.append("student forward")
+        return []
+
     class FakeTrainer(Trainer):
         def rollout(self, step):
-            return SimpleNamespace(samples=[])
-
-        def add_old_logprobs(self, batch):
-            pass
+            return SimpleNamespace(samples=[], micro_batches=[])
 
         def add_scores(self, batch):
             pass
@@ -135,10 +140,11 @@ def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(m
             return {}
 
     cfg = SimpleNamespace(eval=SimpleNamespace(interval=0), train=SimpleNamespace(steps=2, resume="never"),
-                          checkpoint=SimpleNamespace(interval=100), algo=SimpleNamespace(old_logprobs="recompute"))
+                          checkpoint=SimpleNamespace(interval=100), rollout=SimpleNamespace(temperature=1.0),
+                          algo=SimpleNamespace(old_logprobs=old_logprobs, updates_per_batch=updates_per_batch))
     checkpointer = SimpleNamespace(restore=lambda resume: False, save=lambda step: None)
     session = SimpleNamespace(config=cfg, objective=SimpleNamespace(on_policy=True), rollout=Rollout(),
-                              student=SimpleNamespace(expert_metrics=dict),
+                              student=SimpleNamespace(expert_metrics=dict, token_logprobs=student_forward),
                               logger=Logger(), checkpointer=lambda states: checkpointer,
                               dataset=SimpleNamespace(report=SimpleNamespace(as_metrics=dict)),
                               shutdown=lambda: calls.append("end"))
@@ -146,7 +152,8 @@ def test_trainer_sleeps_the_engine_before_the_update_and_wakes_it_for_the_sync(m
     trainer._stop_agreed = lambda: False
     trainer.train()
     def step(k):  # the weights after step k's update carry version k
-        return ["rollout", "sleep", "old_logprobs", "teachers", "update", "train_step", "weight_sync", f"sync {k}", "log"]
+        pi_old = ["old_logprobs", "student forward"] if pi_old_pass else []
+        return ["rollout", "sleep", *pi_old, "teachers", "update", "train_step", "weight_sync", f"sync {k}", "log"]
     assert calls == ["sync 0"] + step(1) + step(2) + ["checkpoint", "end"]
 
 
