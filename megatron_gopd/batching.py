@@ -2,8 +2,8 @@
 
 Without a token budget, every `max_rows` consecutive rows form a micro-batch. With one, the rows are grouped by
 length, longest first, so that each micro-batch holds at most `max_tokens` tokens counting its padding (packed:
-counting its rows' tokens) and at most `max_rows` rows; a row longer than the budget gets a micro-batch of its own
-and is counted. Each micro-batch is padded only to its own longest row, or packed end to end (models/packing.py).
+counting its rows' tokens) and at most `max_rows` rows: the fewest micro-batches, and of those the least padding.
+A row longer than the budget gets a micro-batch of its own and is counted. Each micro-batch is padded only to its own longest row, or packed end to end (models/packing.py).
 The loss stays exact whatever the grouping: its normaliser is the step's global one (algo/losses.py).
 
 A micro-batch is a dict of tensors laid out like its `tokens` ([rows, seq] padded, [1, T] packed), with `row_ids`
@@ -44,25 +44,46 @@ def plan(lengths: Sequence[int], batching: Batching, groups: Sequence[Hashable] 
     """The micro-batches of rows of these lengths. Rows of different `groups` never share a micro-batch (the
     full-vocabulary loss runs one teacher over a whole micro-batch)."""
     groups = list(groups) if groups is not None else [None] * len(lengths)
-    order = list(range(len(lengths)))
-    if batching.max_tokens is not None:
-        order.sort(key=lambda i: -lengths[i])  # stable: rows of equal length keep the rollout order
-    micro_batches, over = [], 0
-    open_batches: dict[Hashable, list[int]] = {}
-    for i in order:
-        current = open_batches.get(groups[i])
-        fits = current is not None and len(current) < batching.max_rows and (
-            batching.max_tokens is None
-            or batching.cost([lengths[j] for j in current + [i]]) <= batching.max_tokens)
-        if fits:
+    rows_of: dict[Hashable, list[int]] = {}
+    if batching.max_tokens is None:
+        micro_batches = []
+        for i, group in enumerate(groups):
+            current = rows_of.get(group)
+            if current is None or len(current) == batching.max_rows:
+                rows_of[group] = current = []
+                micro_batches.append(current)
             current.append(i)
-            continue
-        current = [i]
-        micro_batches.append(current)
-        open_batches[groups[i]] = current
-        if batching.max_tokens is not None and lengths[i] > batching.max_tokens:
-            over += 1
-    return Plan(micro_batches, over)
+        return Plan(micro_batches, 0)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep the rollout order
+    for i in order:
+        rows_of.setdefault(groups[i], []).append(i)
+    micro_batches = [mb for rows in rows_of.values() for mb in _split_by_budget(rows, lengths, batching)]
+    rank = {row: position for position, row in enumerate(order)}
+    micro_batches.sort(key=lambda mb: rank[mb[0]])
+    return Plan(micro_batches, sum(n > batching.max_tokens for n in lengths))
+
+
+def _split_by_budget(rows: list[int], lengths: Sequence[int], batching: Batching) -> list[list[int]]:
+    """Rows sorted longest first, cut into consecutive runs: the fewest micro-batches under the budget, and among
+    those the least padding. A greedy fill gives the fewest but pads more: it closes each micro-batch as full as it
+    goes, where a shorter one can let the next start at a shorter row. Dynamic programming over the cut points
+    (best[i]: the rows from i on), at most max_rows candidates each."""
+    best: list[tuple[int, int, int]] = [(0, 0, 0)] * (len(rows) + 1)  # (micro-batches, tokens run, first's size)
+    for i in range(len(rows) - 1, -1, -1):
+        options = []
+        for size in range(1, min(batching.max_rows, len(rows) - i) + 1):
+            cost = batching.cost([lengths[r] for r in rows[i:i + size]])
+            if size > 1 and cost > batching.max_tokens:
+                break  # longest first: a bigger micro-batch only costs more
+            after = best[i + size]
+            options.append((after[0] + 1, after[1] + cost, -size))  # ties: the fuller micro-batch first
+        count, tokens, negative_size = min(options)
+        best[i] = (count, tokens, -negative_size)
+    micro_batches, i = [], 0
+    while i < len(rows):
+        micro_batches.append(rows[i:i + best[i][2]])
+        i += best[i][2]
+    return micro_batches
 
 
 def assemble(rows: Sequence[Sequence[int]], batching: Batching, pad_id: int = 0,

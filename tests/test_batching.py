@@ -27,9 +27,31 @@ def test_a_token_budget_groups_rows_by_length_and_isolates_rows_over_it(packed):
         if mb != [3]:
             assert batching.cost([LENGTHS[i] for i in mb]) <= 100
     # longest first: 64 shares with nobody (64 + 40 packed, 2 x 64 padded, are over 100); then padded rows pay for
-    # the longest row of their micro-batch, packed ones only for their own tokens
-    assert result.micro_batches == ([[3], [6], [1, 7], [4, 2, 0], [5]] if not packed else
+    # the longest row of their micro-batch, packed ones only for their own tokens. Padded, five micro-batches are
+    # the fewest, and of those [17, 9] + [5, 3] runs 34 + 10 tokens where a greedy fill's [17, 9, 5] + [3] runs 51 + 3
+    assert result.micro_batches == ([[3], [6], [1, 7], [4, 2], [0, 5]] if not packed else
                                     [[3], [6], [1, 7, 4], [2, 0, 5]])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_token_budget_uses_the_fewest_micro_batches_and_of_those_the_least_padding(packed):
+    """Against every way of cutting the rows, longest first, into consecutive micro-batches (exhaustive: 2^(n-1))."""
+    batching = Batching(max_rows=4, max_tokens=200, packed=packed)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = (torch.exp(torch.randn(10, generator=g)) * 40).long().clamp(1, 190).tolist()
+        ordered = sorted(lengths, reverse=True)
+        feasible = []
+        for cuts in range(2 ** (len(ordered) - 1)):
+            runs, start = [], 0
+            for i in range(1, len(ordered) + 1):
+                if i == len(ordered) or cuts >> (i - 1) & 1:
+                    runs.append(ordered[start:i])
+                    start = i
+            if all(len(r) <= 4 and batching.cost(r) <= 200 for r in runs):
+                feasible.append((len(runs), sum(batching.cost(r) for r in runs)))
+        got = plan(lengths, batching).micro_batches
+        assert (len(got), sum(batching.cost([lengths[i] for i in mb]) for mb in got)) == min(feasible)
 
 
 def test_rows_of_different_groups_never_share_a_micro_batch():
