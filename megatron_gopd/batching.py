@@ -3,8 +3,9 @@
 Without a token budget, every `max_rows` consecutive rows form a micro-batch. With one, the rows are grouped by
 length, longest first, so that each micro-batch holds at most `max_tokens` tokens counting its padding (packed:
 counting its rows' tokens) and at most `max_rows` rows: the fewest micro-batches, and of those the least padding.
-A row longer than the budget gets a micro-batch of its own and is counted. Each micro-batch is padded only to its own longest row, or packed end to end (models/packing.py).
-The loss stays exact whatever the grouping: its normaliser is the step's global one (algo/losses.py).
+A row longer than the budget gets a micro-batch of its own and is counted. Each micro-batch is padded only to its
+own longest row, or packed end to end (models/packing.py). The loss stays exact whatever the grouping: its
+normaliser is the step's global one (algo/losses.py).
 
 A micro-batch is a dict of tensors laid out like its `tokens` ([rows, seq] padded, [1, T] packed), with `row_ids`
 naming each token's row (0..rows-1 in the micro-batch's own order; a packed padding tail gets `rows`) and
