@@ -30,15 +30,16 @@ from bench.common import (
     cli,
     linear_fit,
     md_table,
+    measure_in_fork,
+    policy_update,
     proc_status_kib,
     quadratic_share,
     reset_peak_rss,
     run_script,
-    smollm2_hf_dir,
     spread,
+    step_model,
     summary,
     timed,
-    write_hf_config_dir,
 )
 
 LENGTHS = (512, 1024, 2048, 4096, 8192)
@@ -53,12 +54,7 @@ def _measure(hf_config: dict, hf_dir: str, length: int, steps: int, conn) -> Non
     """Runs in the forked child: builds the models, warms up, then measures `steps` steps."""
     import torch
 
-    from megatron_gopd.algo.losses import (
-        PolicyLossConfig,
-        gopd_advantages,
-        loss_denominator,
-        policy_loss,
-    )
+    from megatron_gopd.algo.losses import gopd_advantages
     from megatron_gopd.models.architectures import ModelDims
     from megatron_gopd.models.builder import build_model, load_hf_weights
     from megatron_gopd.models.hf_io import HFWeights
@@ -81,7 +77,6 @@ def _measure(hf_config: dict, hf_dir: str, length: int, steps: int, conn) -> Non
                     p.add_(torch.randn_like(p) * 1e-3)
         student = TrainableModel(student_gpt, dims, adam(1e-5), layout.student.world)
         teacher = ParallelModel(teacher_gpt.requires_grad_(False).eval(), dims)
-        cfg = PolicyLossConfig(aggregation="token-mean")
 
         def step(response: int) -> None:
             g = torch.Generator().manual_seed(response)
@@ -90,16 +85,9 @@ def _measure(hf_config: dict, hf_dir: str, length: int, steps: int, conn) -> Non
             mask[:, PROMPT:] = 1.0
             mb = {"tokens": tokens, "loss_mask": mask}
             teacher_lp = teacher.token_logprobs([mb])[0]
-            mb["old_lp"] = mb["rollout_lp"] = student.token_logprobs([mb])[0]
+            mb["old_lp"] = student.token_logprobs([mb])[0]
             mb["advantages"] = torch.where(mask.bool(), gopd_advantages(teacher_lp, mb["old_lp"], None, 1.0), 0.0)
-            denominator = loss_denominator(mask, cfg.aggregation)
-
-            def loss_fn(batch, lp, entropy, logits):
-                return policy_loss(lp, batch["old_lp"], batch["advantages"], batch["loss_mask"], cfg,
-                                   rollout_lp=batch["rollout_lp"], denominator=denominator)
-
-            _, info = student.train_step([mb], loss_fn, temperature=1.0)
-            assert info["update_ok"], info
+            policy_update(student, mb)
 
         step(64)  # warm-up, short: the optimizer state and the code paths
         if steps > 1:
@@ -115,8 +103,6 @@ def _measure(hf_config: dict, hf_dir: str, length: int, steps: int, conn) -> Non
 
 
 def _worker(size: str) -> dict:
-    import json
-    import multiprocessing
     import tempfile
 
     import megatron.core  # noqa: F401  the children inherit the imports, not any state
@@ -125,29 +111,12 @@ def _worker(size: str) -> dict:
     import megatron_gopd.models.parallel_model  # noqa: F401
 
     steps = by_size(size, smoke=1, quick=1, full=3)
-    points = []
+    lengths = by_size(size, smoke=SMOKE_LENGTHS, quick=QUICK_LENGTHS, full=LENGTHS)
     with tempfile.TemporaryDirectory() as tmp:
-        if size == "smoke":
-            hf_dir = write_hf_config_dir("tiny", Path(tmp) / "tiny")
-            name = "the bench's tiny Llama (random)"
-        else:
-            hf_dir = smollm2_hf_dir()
-            name = "SmolLM2-135M-Instruct" + (f", its first {LAYERS} layers" if size == "quick" else "")
-        hf_config = json.loads((hf_dir / "config.json").read_text())
-        if size == "quick":
-            hf_config["num_hidden_layers"] = LAYERS
-        max_length = PROMPT + max(by_size(size, smoke=SMOKE_LENGTHS, quick=QUICK_LENGTHS, full=LENGTHS))
-        hf_config["max_position_embeddings"] = max(hf_config["max_position_embeddings"], max_length)
-        fork = multiprocessing.get_context("fork")
-        for length in by_size(size, smoke=SMOKE_LENGTHS, quick=QUICK_LENGTHS, full=LENGTHS):
-            parent, child = fork.Pipe()
-            proc = fork.Process(target=_measure, args=(hf_config, str(hf_dir), length, steps, child))
-            proc.start()
-            point = parent.recv()
-            proc.join()
-            if "error" in point or proc.exitcode != 0:
-                raise RuntimeError(f"length {length}: {point.get('error', f'exit code {proc.exitcode}')}")
-            points.append(point)
+        hf_dir, hf_config, name = step_model(size, Path(tmp), LAYERS)
+        hf_config["max_position_embeddings"] = max(hf_config["max_position_embeddings"], PROMPT + max(lengths))
+        points = [measure_in_fork(f"length {length}", _measure, hf_config, str(hf_dir), length, steps)
+                  for length in lengths]
     dims = {k: hf_config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                                       "num_key_value_heads", "vocab_size")}
     return {"model": name, "dims": dims, "threads": torch.get_num_threads(), "points": points}

@@ -25,11 +25,12 @@ from bench.common import (
     by_size,
     cli,
     md_table,
+    measure_in_fork,
+    policy_update,
     proc_status_kib,
     reset_peak_rss,
     run_script,
-    smollm2_hf_dir,
-    write_hf_config_dir,
+    step_model,
 )
 
 PROMPT = 16
@@ -67,7 +68,6 @@ def _measure(hf_config: dict, hf_dir: str, setting: tuple, conn) -> None:
     """In the forked child: build and load the student, warm up, measure one step."""
     import torch
 
-    from megatron_gopd.algo.losses import PolicyLossConfig, loss_denominator, policy_loss
     from megatron_gopd.models.architectures import ModelDims
     from megatron_gopd.models.builder import DTYPES, build_model, load_hf_weights
     from megatron_gopd.models.hf_io import HFWeights
@@ -85,23 +85,14 @@ def _measure(hf_config: dict, hf_dir: str, setting: tuple, conn) -> None:
         if Path(hf_dir, "model.safetensors.index.json").is_file():  # the real weights (not at the smoke size)
             load_hf_weights(gpt, dims, HFWeights(hf_dir))
         student = TrainableModel(gpt, dims, adam(1e-6), layout.student.world)
-        cfg = PolicyLossConfig(aggregation="token-mean")
 
         def step(length: int) -> None:
             g = torch.Generator().manual_seed(length)
             mask = torch.zeros(1, length)
             mask[:, PROMPT:] = 1.0
-            old = -torch.rand(1, length, generator=g)
-            mb = {"tokens": torch.randint(0, dims.vocab_size, (1, length), generator=g), "loss_mask": mask,
-                  "old_lp": old, "advantages": torch.randn(1, length, generator=g) * mask}
-            denominator = loss_denominator(mask, cfg.aggregation)
-
-            def loss_fn(batch, lp, entropy, logits):
-                return policy_loss(lp, batch["old_lp"], batch["advantages"], batch["loss_mask"], cfg,
-                                   rollout_lp=batch["old_lp"], denominator=denominator)
-
-            _, info = student.train_step([mb], loss_fn, temperature=1.0)
-            assert info["update_ok"], info
+            policy_update(student, {"tokens": torch.randint(0, dims.vocab_size, (1, length), generator=g),
+                                    "loss_mask": mask, "old_lp": -torch.rand(1, length, generator=g),
+                                    "advantages": torch.randn(1, length, generator=g) * mask})
 
         step(64)  # the optimizer state
         resident_kib = reset_peak_rss()
@@ -116,35 +107,16 @@ def _measure(hf_config: dict, hf_dir: str, setting: tuple, conn) -> None:
 
 
 def _worker(size: str) -> dict:
-    import json
-    import multiprocessing
     import tempfile
 
     import megatron.core  # noqa: F401  the children inherit the imports, not any state
 
     import megatron_gopd.models.parallel_model  # noqa: F401
 
-    settings = by_size(size, smoke=SMOKE, quick=QUICK, full=FULL)
     with tempfile.TemporaryDirectory() as tmp:
-        if size == "smoke":
-            hf_dir, model = write_hf_config_dir("tiny", Path(tmp) / "tiny"), "the bench's tiny Llama (random)"
-        else:
-            hf_dir, model = smollm2_hf_dir(), "SmolLM2-135M-Instruct (real weights)"
-        hf_config = json.loads((hf_dir / "config.json").read_text())
-        if size == "quick":
-            hf_config["num_hidden_layers"] = QUICK_LAYERS
-            model = f"SmolLM2-135M-Instruct's first {QUICK_LAYERS} layers (real weights)"
-        fork = multiprocessing.get_context("fork")
-        points = []
-        for setting in settings:
-            parent, child = fork.Pipe()
-            proc = fork.Process(target=_measure, args=(hf_config, str(hf_dir), setting, child))
-            proc.start()
-            point = parent.recv()
-            proc.join()
-            if "error" in point or proc.exitcode != 0:
-                raise RuntimeError(f"{setting}: {point.get('error', f'exit code {proc.exitcode}')}")
-            points.append(point)
+        hf_dir, hf_config, model = step_model(size, Path(tmp), QUICK_LAYERS)
+        points = [measure_in_fork(str(setting), _measure, hf_config, str(hf_dir), setting)
+                  for setting in by_size(size, smoke=SMOKE, quick=QUICK, full=FULL)]
     return {"model": model, "hf_config": hf_config, "points": points}
 
 

@@ -292,6 +292,53 @@ def reset_peak_rss() -> int:
     return proc_status_kib("VmRSS")
 
 
+def measure_in_fork(label: str, target, *args) -> dict:
+    """Runs target(*args, conn) in a child forked from this worker (which has only imported the libraries), so each
+    measurement starts from the same heap; returns the dict the child sends, or raises the error it reports."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    parent, child = fork.Pipe()
+    proc = fork.Process(target=target, args=(*args, child))
+    proc.start()
+    point = parent.recv()
+    proc.join()
+    if "error" in point or proc.exitcode != 0:
+        raise RuntimeError(f"{label}: {point.get('error', f'exit code {proc.exitcode}')}")
+    return point
+
+
+# ---- the memory benches' model and step ------------------------------------------------------------------------
+def step_model(size: str, directory: Path, quick_layers: int) -> tuple[Path, dict, str]:
+    """(HF dir, its config, a description) of the model the memory benches step: the tiny random model at the smoke
+    size, else the real SmolLM2-135M-Instruct (its first `quick_layers` layers at the quick size)."""
+    if size == "smoke":
+        hf_dir, name = write_hf_config_dir("tiny", directory / "tiny"), "the bench's tiny Llama (random)"
+    else:
+        hf_dir, name = smollm2_hf_dir(), "SmolLM2-135M-Instruct (real weights)"
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    if size == "quick":
+        hf_config["num_hidden_layers"] = quick_layers
+        name = f"SmolLM2-135M-Instruct's first {quick_layers} layers (real weights)"
+    return hf_dir, hf_config, name
+
+
+def policy_update(student, micro_batch: dict) -> None:
+    """One update of `student` (a TrainableModel) with the G-OPD policy loss, token-mean, on one micro-batch of
+    tokens, loss_mask, old_lp and advantages (rollout_lp: old_lp unless given)."""
+    from megatron_gopd.algo.losses import PolicyLossConfig, loss_denominator, policy_loss
+
+    cfg = PolicyLossConfig(aggregation="token-mean")
+    denominator = loss_denominator(micro_batch["loss_mask"], cfg.aggregation)
+
+    def loss_fn(batch, lp, entropy, logits):
+        return policy_loss(lp, batch["old_lp"], batch["advantages"], batch["loss_mask"], cfg,
+                           rollout_lp=batch.get("rollout_lp", batch["old_lp"]), denominator=denominator)
+
+    _, info = student.train_step([micro_batch], loss_fn, temperature=1.0)
+    assert info["update_ok"], info
+
+
 # ---- the machine ---------------------------------------------------------------------------------------------
 def machine() -> dict:
     """What the results were measured on, for the table header."""
