@@ -7,9 +7,10 @@ generator for reproducible sampling, and none of generate()'s per-step overhead.
 
 With `compile=True` the decode step runs over a transformers StaticCache under `torch.compile` (the prefill stays
 eager: its length varies). A compiled step serves one shape bucket: the batch padded to a power of two, the cache
-length to a multiple of CACHE_STEP, so that a run compiles a handful of graphs, not one per chunk. Compiled
-kernels round differently from eager ones, so the log-probs agree with the eager engine's to float tolerance.
-Sampling stays eager on the real rows only, so the generator's stream, and the tokens, do not depend on the padding.
+length to a multiple of CACHE_STEP, so that a run compiles a handful of graphs, not one per chunk; its attention
+is torch's grouped-query sdpa (sdpa_grouped_decode). Compiled kernels round differently from eager ones, so the
+log-probs agree with the eager engine's to float tolerance. Sampling stays eager and on the real rows only, so the
+generator's stream, and the tokens, do not depend on the padding.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import time
 from typing import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from megatron_gopd.models.hf_io import hub_parameters
 from megatron_gopd.rollout.base import Sample, SamplingParams, WeightStream
@@ -55,6 +59,20 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return token, lp.gather(-1, token[:, None]).squeeze(-1)
 
 
+def sdpa_grouped_decode(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' sdpa attention, except that a one-token step with a mask (decoding over a static cache) runs
+    torch's grouped-query attention in the kernel: under torch.compile transformers would repeat the keys and values
+    of the whole cache for every query head, a copy of the cache per layer per token."""
+    if query.shape[2] > 1 or attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+GROUPED_DECODE = "sdpa_grouped_decode"
+AttentionInterface.register(GROUPED_DECODE, sdpa_grouped_decode)
+AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
+
 CACHE_STEP = 32  # compiled decoding: static cache lengths are multiples of this
 
 
@@ -77,6 +95,8 @@ class HFRolloutEngine:
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         # The parameters are inputs of the compiled graphs (not frozen constants), so in-place weight syncs reach them.
         self._compiled_step = torch.compile(self._step, dynamic=False) if compile else None
+        if compile and self.model.config._attn_implementation == "sdpa":
+            self.model.set_attn_implementation(GROUPED_DECODE)
         self._static_caches: dict[tuple[int, int], StaticCache] = {}  # per shape bucket, reused call after call
         self.compile_seconds = 0.0  # wall time of the decode steps that compiled a new shape bucket
 
