@@ -112,6 +112,10 @@ class RolloutConfig:
     sglang_mem_fraction: float = 0.5
     engine_tp: Optional[int] = None  # sglang: GPUs per engine, 1 or the student's TP (None: the student's TP)
     sglang_deterministic: bool = False  # sglang honours the per-row sampling seeds only so (slower; exact resume)
+    # hf engine: decode over a static KV cache with a torch.compile'd step (log-probs equal to float tolerance).
+    # auto: when the run decodes enough to repay the compile (rollout.build.compiles_decode); always | never.
+    # (always/never rather than on/off, which YAML reads as booleans)
+    compile: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass
@@ -344,6 +348,8 @@ def validate(config: RunConfig) -> None:
     _require(r.max_staleness == 0 or r.placement == "dedicated", "rollout.max_staleness",
              "a colocated engine shares the student's devices, so it cannot generate while the student trains; "
              "use rollout.placement=dedicated")
+    _require(r.compile != "always" or r.engine == "hf", "rollout.compile",
+             "always compiles the transformers engine's decoding; rollout.engine sglang has its own (use auto or never)")
     if r.engine_tp is not None:
         _require(r.engine_tp in (1, config.student.parallel.tp), "rollout.engine_tp",
                  f"must be 1 or student.parallel.tp ({config.student.parallel.tp}), got {r.engine_tp}")

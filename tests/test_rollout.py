@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
+from megatron_gopd.models.hf_io import hub_parameters
 from megatron_gopd.rollout.base import SamplingParams
-from megatron_gopd.rollout.hf_engine import HFRolloutEngine, processed_logprobs, sample_next
+from megatron_gopd.rollout.hf_engine import HFRolloutEngine, processed_logprobs, sample_next, shape_bucket
 from tests.conftest import ROOT, run_torchrun
 from tests.tiny import tiny_hf_model
 
@@ -77,6 +78,80 @@ def test_transformers_engine_yields_rows_in_order_chunk_by_chunk(tmp_path):
     assert [row for row, _ in stream] == [0, 1, 2, 3, 4]
     assert [s.response_ids for _, s in stream] == [s.response_ids for s in engine.generate(prompts, params)]
     assert all(s.prompt_ids == prompts[row] for row, s in stream)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen3_moe"])
+def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
+    """Issue 21: rollout.compile. The static-cache decoding under torch.compile samples the eager engine's tokens,
+    with its log-probs to float tolerance (compiled kernels round differently), for left-padded prompts in a batch
+    padded to its bucket (3 rows -> 4), and an in-place weight sync reaches the compiled graph."""
+    tiny_hf_model(name).config.save_pretrained(tmp_path)
+    eager, compiled = HFRolloutEngine(str(tmp_path)), HFRolloutEngine(str(tmp_path), compile=True)
+    prompts = [[5, 17, 42], [7, 7, 9, 100, 3], [11, 12]]
+    params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=12, seed=3)
+    responses = []
+    for seed in (4, 5):
+        weights = hub_parameters(tiny_hf_model(name, seed=seed))
+        for engine in (eager, compiled):
+            engine.sync_weights(weights.items())
+        want, got = eager.generate(prompts, params), compiled.generate(prompts, params)
+        assert [s.response_ids for s in got] == [s.response_ids for s in want]
+        for g, w in zip(got, want):
+            assert len(g.logprobs) == 12
+            assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=0, atol=1e-5)
+        responses.append([s.response_ids for s in got])
+    assert responses[0] != responses[1]  # the second sync changed what the compiled graph computes
+    assert list(compiled._static_caches) == [(4, 32)]
+
+
+def test_compiled_decoding_compiles_once_per_shape_bucket(tmp_path):
+    """Issue 21: a new batch or cache-length bucket compiles; other prompt lengths and batches inside a bucket reuse
+    its graph (dynamo's unique-graph count and the engine's compile time stand still), and the stop-token path works
+    there too."""
+    from torch._dynamo.utils import counters
+
+    assert shape_bucket(3, 20, 16) == (4, 32) and shape_bucket(16, 141, 16) == (16, 160)
+    assert shape_bucket(20, 33, 24) == (24, 64)  # never more rows than max_batch_size (nor fewer than the batch)
+    hf = tiny_hf_model("llama", seed=4)
+    hf.config.save_pretrained(tmp_path)
+    engine, eager = HFRolloutEngine(str(tmp_path), compile=True), HFRolloutEngine(str(tmp_path))
+    for e in (engine, eager):
+        e.sync_weights(hf.state_dict().items())
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=1)
+
+    def graphs_and_seconds(prompts, params=params):
+        assert ([s.response_ids for s in engine.generate(prompts, params)]
+                == [s.response_ids for s in eager.generate(prompts, params)])
+        return counters["stats"]["unique_graphs"], engine.compile_seconds
+
+    first = graphs_and_seconds([[5, 17, 42], [7, 9]])  # bucket (2, 32)
+    assert first[1] > 0
+    assert graphs_and_seconds([[5] * 20, [8]]) == first  # 20 + 8 tokens still fit 32
+    row = eager.generate([[5, 17, 42]], params)[0].response_ids
+    stop = SamplingParams(temperature=1.0, max_new_tokens=8, seed=1, stop_token_ids=(row[2],))
+    assert graphs_and_seconds([[5, 17, 42], [7, 9]], stop) == first
+    grown = graphs_and_seconds([[5, 17, 42], [7, 9], [1, 2, 3]])  # bucket (4, 32)
+    assert grown[0] > first[0] and grown[1] > first[1]
+    assert list(engine._static_caches) == [(2, 32), (4, 32)]
+
+
+def test_rollout_compile_is_validated_and_auto_compiles_long_runs():
+    """Issue 21: rollout.compile takes auto | always | never (YAML reads on/off as booleans, which are refused
+    naming the key); always needs the transformers engine; auto compiles when the run plans at least
+    AUTO_COMPILE_DECODE_STEPS decode steps."""
+    from megatron_gopd.config import ConfigError, load_config
+    from megatron_gopd.rollout.build import AUTO_COMPILE_DECODE_STEPS, compiles_decode
+
+    with pytest.raises(ConfigError, match=r"rollout.compile: True is not one of \['auto', 'always', 'never'\]"):
+        load_config(overrides=["rollout.compile=on"])
+    with pytest.raises(ConfigError, match="rollout.compile: always compiles the transformers engine"):
+        load_config(overrides=["student.path=/x", "rollout.compile=always", "rollout.engine=sglang"])
+    short = ["student.path=/x", "train.steps=10", "data.prompts_per_step=32", "rollout.chunk_size=16", "rollout.max_new_tokens=64"]
+    assert not compiles_decode(load_config(overrides=short))  # 10 steps x 2 chunks x 64 tokens
+    steps = -(-AUTO_COMPILE_DECODE_STEPS // (2 * 64))
+    assert compiles_decode(load_config(overrides=short + [f"train.steps={steps}"]))
+    assert not compiles_decode(load_config(overrides=short + [f"train.steps={steps}", "rollout.compile=never"]))
+    assert compiles_decode(load_config(overrides=short + ["rollout.compile=always"]))
 
 
 def test_sampling_params_are_validated():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from megatron.core.models.gpt import GPTModel
@@ -14,6 +15,22 @@ from megatron_gopd.rollout.colocated import ColocatedRollout, TrainerMemory
 from megatron_gopd.rollout.dedicated import DedicatedRollout
 from megatron_gopd.runtime.distributed import device
 from megatron_gopd.runtime.layout import RoleLayout
+
+
+# rollout.compile auto: the decode steps (one token for a chunk of rows) a run must plan for its compiled decoding
+# to repay the compile. bench_rollout measures the break-even of one shape bucket (compile seconds over the seconds
+# saved per step): 20-25k steps with a cold inductor cache on 2 busy cores; a run compiles a few buckets.
+AUTO_COMPILE_DECODE_STEPS = 50_000
+
+
+def compiles_decode(cfg: RunConfig) -> bool:
+    """Whether the transformers engine compiles its decode step: rollout.compile, where auto counts the decode steps
+    the run plans at most (every chunk of every step decoding max_new_tokens; stop tokens end chunks sooner)."""
+    r = cfg.rollout
+    if r.compile != "auto":
+        return r.compile == "always"
+    chunks = math.ceil(cfg.data.prompts_per_step * r.samples_per_prompt / r.chunk_size)
+    return cfg.train.steps * chunks * r.max_new_tokens >= AUTO_COMPILE_DECODE_STEPS
 
 
 def make_engine(cfg: RunConfig, *, tp_size: int = 1, tp_group=None) -> RolloutEngine:
@@ -29,7 +46,8 @@ def make_engine(cfg: RunConfig, *, tp_size: int = 1, tp_group=None) -> RolloutEn
                                    deterministic=r.sglang_deterministic)
     from megatron_gopd.rollout.hf_engine import HFRolloutEngine
 
-    return HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device(), max_batch_size=r.chunk_size)
+    return HFRolloutEngine(hf_dir, dtype=DTYPES[cfg.student.dtype], device=device(), max_batch_size=r.chunk_size,
+                           compile=compiles_decode(cfg))
 
 
 def build_rollout(cfg: RunConfig, trainer: TrainerMemory, student: GPTModel, dims: ModelDims, layout: RoleLayout):

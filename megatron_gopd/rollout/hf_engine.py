@@ -4,15 +4,26 @@ The model is built from the student's HF config (no hub) and receives the studen
 streaming exporter. Decoding is our own short loop over the model's KV cache rather than `generate()`: we need
 the log-prob of each sampled token under the exact processed distribution it was drawn from, a per-call
 generator for reproducible sampling, and none of generate()'s per-step overhead.
+
+With `compile=True` the decode step runs over a transformers StaticCache under `torch.compile` (the prefill stays
+eager: its length varies). A compiled step serves one shape bucket: the batch padded to a power of two, the cache
+length to a multiple of CACHE_STEP, so that a run compiles a handful of graphs, not one per chunk; its attention
+is torch's grouped-query sdpa (sdpa_grouped_decode). Compiled kernels round differently from eager ones, so the
+log-probs agree with the eager engine's to float tolerance. Sampling stays eager and on the real rows only, so the
+generator's stream, and the tokens, do not depend on the padding.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from megatron_gopd.models.hf_io import hub_parameters
 from megatron_gopd.rollout.base import Sample, SamplingParams, WeightStream
@@ -48,9 +59,33 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return token, lp.gather(-1, token[:, None]).squeeze(-1)
 
 
+def sdpa_grouped_decode(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' sdpa attention, except that a one-token step with a mask (decoding over a static cache) runs
+    torch's grouped-query attention in the kernel: under torch.compile transformers would repeat the keys and values
+    of the whole cache for every query head, a copy of the cache per layer per token."""
+    if query.shape[2] > 1 or attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+GROUPED_DECODE = "sdpa_grouped_decode"
+AttentionInterface.register(GROUPED_DECODE, sdpa_grouped_decode)
+AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
+
+CACHE_STEP = 32  # compiled decoding: static cache lengths are multiples of this
+
+
+def shape_bucket(batch: int, length: int, max_batch_size: int) -> tuple[int, int]:
+    """The (rows, cache length) a compiled decode step runs at: the batch padded to a power of two (at most
+    max_batch_size), the length to a multiple of CACHE_STEP."""
+    rows = min(1 << (batch - 1).bit_length(), max(batch, max_batch_size))
+    return rows, -(-length // CACHE_STEP) * CACHE_STEP
+
+
 class HFRolloutEngine:
     def __init__(self, hf_config_dir: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 max_batch_size: int = 64):
+                 max_batch_size: int = 64, compile: bool = False):
         config = AutoConfig.from_pretrained(hf_config_dir)
         self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
@@ -58,6 +93,12 @@ class HFRolloutEngine:
         self._params = hub_parameters(self.model)  # the exporter's (hub) names: per-expert views of fused MoE tensors
         # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.x
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        # The parameters are inputs of the compiled graphs (not frozen constants), so in-place weight syncs reach them.
+        self._compiled_step = torch.compile(self._step, dynamic=False) if compile else None
+        if compile and self.model.config._attn_implementation == "sdpa":
+            self.model.set_attn_implementation(GROUPED_DECODE)
+        self._static_caches: dict[tuple[int, int], StaticCache] = {}  # per shape bucket, reused call after call
+        self.compile_seconds = 0.0  # wall time of the decode steps that compiled a new shape bucket
 
     @classmethod
     def from_pretrained(cls, hf_dir: str, **kwargs) -> "HFRolloutEngine":
@@ -99,37 +140,65 @@ class HFRolloutEngine:
                 batch = self._generate_batch(prompts[start:start + self.max_batch_size], params, generator)
             yield from enumerate(batch, start)
 
+    def _step(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """The next-token logits [rows, vocab] of the last position."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
+
+    def _static_cache(self, rows: int, length: int) -> StaticCache:
+        """The bucket's cache, emptied. A new bucket's first decode step is compiled here, on dummy tokens after an
+        eager one-token prefill (which allocates the cache: allocation must stay out of the graph), and timed."""
+        cache = self._static_caches.get((rows, length))
+        if cache is None:
+            cache = self._static_caches[rows, length] = StaticCache(config=self.model.config, max_cache_len=length)
+            ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+            mask = torch.ones(rows, length, dtype=torch.long, device=self.device)
+            self._step(ids, mask[:, :1], ids, cache)
+            start = time.perf_counter()
+            self._compiled_step(ids, mask, ids + 1, cache)
+            self.compile_seconds += time.perf_counter() - start
+        cache.reset()
+        return cache
+
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator) -> list[Sample]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("cannot generate from an empty prompt")
         batch, longest = len(prompts), max(len(p) for p in prompts)
+        compiled = self._compiled_step is not None
+        rows, length = (shape_bucket(batch, longest + params.max_new_tokens, self.max_batch_size) if compiled
+                        else (batch, longest + params.max_new_tokens))
         # Left-pad so that every row's next token is at the last position. The mask is allocated once for the
-        # whole generation and viewed, not regrown each step; without padding none is passed (causal suffices).
-        input_ids = torch.zeros(batch, longest, dtype=torch.long, device=self.device)
-        mask = torch.ones(batch, longest + params.max_new_tokens, dtype=torch.long, device=self.device)
+        # whole generation (eager: viewed, not regrown each step; without padding none is passed, causal suffices).
+        # Rows past the batch (a compiled bucket's padding) decode a one-token prompt and are never sampled.
+        input_ids = torch.zeros(rows, longest, dtype=torch.long, device=self.device)
+        mask = torch.ones(rows, length, dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             input_ids[i, longest - len(p):] = torch.tensor(p, device=self.device)
             mask[i, : longest - len(p)] = 0
+        mask[batch:, : longest - 1] = 0
         padded = any(len(p) < longest for p in prompts)
         positions = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
+        if compiled:  # static shapes: the whole mask every step (the cache's causal mask hides the slots ahead)
+            cache, decode, attention = self._static_cache(rows, length), self._compiled_step, mask
+        else:
+            cache, decode, attention = DynamicCache(), self._step, None
         stop = torch.tensor(params.stop_token_ids or [-1], device=self.device)
-        cache = DynamicCache()
+        next_ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         tokens, logprobs = [], []
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        step_ids, step_pos = input_ids, positions
+        logits = self._step(input_ids, mask[:, :longest] if padded or compiled else None, positions, cache)
         for step in range(params.max_new_tokens):
-            attention = mask[:, : longest + step] if padded else None
-            logits = self.model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos, use_cache=True,
-                                logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
-            token, token_lp = sample_next(logits, params, generator)
+            token, token_lp = sample_next(logits[:batch], params, generator)
             tokens.append(token)
             logprobs.append(token_lp)
             finished |= torch.isin(token, stop)
-            if finished.all():
+            if finished.all() or step == params.max_new_tokens - 1:
                 break
-            step_ids = token[:, None]
-            step_pos = step_pos[:, -1:] + 1
+            next_ids[:batch, 0] = token
+            if not compiled:
+                attention = mask[:, : longest + step + 1] if padded else None
+            logits = decode(next_ids, attention, positions[:, -1:] + step + 1, cache)
         tokens = torch.stack(tokens, 1).tolist()
         logprobs = torch.stack(logprobs, 1).tolist()
         samples = []
@@ -140,6 +209,7 @@ class HFRolloutEngine:
         return samples
 
     def sleep(self) -> None:
+        self._static_caches.clear()  # the KV caches go first; a compiled step's graphs stay
         if self.device.type == "cuda":
             self.model.to("cpu")
             torch.cuda.empty_cache()
@@ -149,7 +219,7 @@ class HFRolloutEngine:
             self.model.to(self.device)
 
     def wake_cache(self) -> None:
-        """The KV cache is allocated per generate call."""
+        """The KV cache is allocated per generate call (compiled: per shape bucket, at its first call)."""
 
     def shutdown(self) -> None:
         del self.model, self._params
