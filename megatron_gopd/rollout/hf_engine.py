@@ -6,8 +6,8 @@ the log-prob of each sampled token under the exact processed distribution it was
 generator for reproducible sampling, and none of generate()'s per-step overhead.
 
 With `compile=True` the decode step runs over a transformers StaticCache under `torch.compile` (the prefill stays
-eager: its length varies). A compiled step serves one shape bucket: the batch padded to a power of two, the cache
-length to a multiple of CACHE_STEP, so that a run compiles a handful of graphs, not one per chunk; its attention
+eager: its length varies). A compiled step serves one shape bucket (shape_bucket: batch and cache length padded to
+powers of two), so that a run compiles a handful of graphs, not one per chunk; its attention
 is torch's grouped-query sdpa (sdpa_grouped_decode). Compiled kernels round differently from eager ones, so the
 log-probs agree with the eager engine's to float tolerance. Sampling stays eager and on the real rows only, so the
 generator's stream, and the tokens, do not depend on the padding.
@@ -73,14 +73,17 @@ GROUPED_DECODE = "sdpa_grouped_decode"
 AttentionInterface.register(GROUPED_DECODE, sdpa_grouped_decode)
 AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
 
-CACHE_STEP = 32  # compiled decoding: static cache lengths are multiples of this
+MIN_CACHE = 32  # compiled decoding: the shortest static cache
 
 
 def shape_bucket(batch: int, length: int, max_batch_size: int) -> tuple[int, int]:
-    """The (rows, cache length) a compiled decode step runs at: the batch padded to a power of two (at most
-    max_batch_size), the length to a multiple of CACHE_STEP."""
+    """The (rows, cache length) a compiled decode step runs at: the batch and the length padded to powers of two
+    (rows at most max_batch_size, the cache at least MIN_CACHE). Each bucket is a graph of its own, and past dynamo's
+    recompile limit (8) a step would fall back to eager: with powers of two a run's prompts, whose lengths vary
+    under data.max_prompt_len, fall in one or two length buckets, at the price of attending over up to 2x the
+    cache."""
     rows = min(1 << (batch - 1).bit_length(), max(batch, max_batch_size))
-    return rows, -(-length // CACHE_STEP) * CACHE_STEP
+    return rows, max(MIN_CACHE, 1 << (length - 1).bit_length())
 
 
 class HFRolloutEngine:
