@@ -12,16 +12,18 @@ The same work on both sides:
   TRL: DistillationTrainer (TRL's on-policy distillation; the experimental GKDTrainer with lmbda=1 is the same
   run, as TRL's own warning says) with beta=1.0 (the generalized JSD at beta=1 IS the reverse KL, computed exactly
   over the full vocabulary) and no lmbda knob: it always trains on the student's own fresh generations.
-  Ours, two rows: algo.loss=full_vocab (the exact full-vocabulary reverse KL, the same objective as TRL's) and
-  algo.loss=sampled (the paper's per-token estimator: PPO-clipped ratio loss with A_t = log pi_T - log pi_old).
+  Ours: algo.loss=full_vocab (the exact full-vocabulary reverse KL, the same objective as TRL's) and
+  algo.loss=sampled (the paper's per-token estimator: PPO-clipped ratio loss with A_t = log pi_T - log pi_old),
+  each with eager decoding (rollout.compile never: what a short run gets) and, at the quick and full sizes, with
+  compiled decoding (rollout.compile always: what `auto` gives a long run; its one-time compile falls in the
+  excluded first step, reported apart).
 What each step computes:
 - TRL: generate (transformers.generate with the KV cache), student forward (grad) + teacher forward (no grad)
   over prompt+response, the chunked full-vocab divergence, backward, AdamW step.
-- ours: rollout (our engine), pi_old (student forward, no grad), teacher log-probs (teacher forward through the
-  streaming scorer), student forward+backward with the loss (full_vocab: a teacher forward for its logits inside
-  the loss, too), Adam step (megatron's optimizer), weight sync into the rollout engine.
-  That is two more forward passes than TRL (pi_old, and for full_vocab the scorer's teacher pass) and a sync:
-  more work on our side, none less.
+- ours: rollout (our engine), teacher log-probs (sampled: a teacher forward through the streaming scorer;
+  full_vocab: the teacher's logits inside the loss, one forward), student forward+backward with the loss (pi_old is
+  that forward's, detached: algo.old_logprobs auto with one update per batch), Adam step (megatron's optimizer),
+  weight sync into the rollout engine. The same passes as TRL's, and a sync.
 Timing: seconds per step = the interval between consecutive step ends (TRL: a TrainerCallback's on_step_end;
 ours: the trainer's per-step log call), which counts every phase of the loop on both sides; the first step and
 start-up are excluded. Time is counted twice: the process's CPU seconds (every worker runs one thread, so this
@@ -61,8 +63,8 @@ from bench.common import (
 )
 
 PROMPTS_PER_STEP, LR = 8, 1e-5
-TARGET = 2.0  # ours at least 2x faster per step
-SIDES = ("trl", "ours-full_vocab", "ours-sampled")
+TARGET = 1.5  # ours at least 1.5x faster per step (issue 21)
+SIDES = ("trl", "ours-full_vocab", "ours-sampled", "ours-full_vocab-compiled", "ours-sampled-compiled")
 
 
 def _step_times(ends: list[tuple[float, float]]) -> dict:
@@ -72,7 +74,7 @@ def _step_times(ends: list[tuple[float, float]]) -> dict:
     return {"wall": wall, "cpu": cpu}
 
 
-def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
+def _ours(loss: str, compiled: bool, steps: int, new_tokens: int, tmp: Path) -> dict:
     import yaml
 
     from megatron_gopd.config import load_config
@@ -86,7 +88,8 @@ def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
         "student": {"path": str(root / "student")},
         "teachers": [{"name": "teacher", "path": str(root / "teacher"), "domains": ["math"]}],
         "algo": {"lam": 1.0, "loss": loss, "aggregation": "token-mean"},
-        "rollout": {"max_new_tokens": new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        "rollout": {"max_new_tokens": new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                    "compile": "always" if compiled else "never"},
         "data": {"train": [str(data)], "prompts_per_step": PROMPTS_PER_STEP, "max_prompt_len": 64},
         "train": {"steps": steps, "micro_batch_size": PROMPTS_PER_STEP, "output_dir": str(tmp / "run"),
                   "resume": "never"},
@@ -105,14 +108,14 @@ def _ours(loss: str, steps: int, new_tokens: int, tmp: Path) -> dict:
 
     seed_everything(cfg.train.seed)
     Trainer(build_session(cfg)).train()
-    steps = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()[1:]]  # not the first
+    first, *steps = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     phases = {}
     for m in steps:
         for key, value in m.items():
             if key.startswith("time/") and key not in ("time/step_s", "time/step_cpu_s"):
                 phases.setdefault(key[5:-2], []).append(value)
     return {"wall": [m["time/step_s"] for m in steps], "cpu": [m["time/step_cpu_s"] for m in steps],
-            "phases": {k: summary(v)["median"] for k, v in phases.items()},
+            "phases": {k: summary(v)["median"] for k, v in phases.items()}, "first_step_s": first["time/step_s"],
             "response_lengths": sorted({m["rollout/response_length"] for m in steps})}
 
 
@@ -156,7 +159,8 @@ def _trl(steps: int, new_tokens: int, tmp: Path) -> dict:
 
 
 def _worker(side: str, steps: str, new_tokens: str) -> dict:
-    """side "trl", or "ours:LOSS,LOSS": our trainer once per loss, one after the other in this process."""
+    """side "trl", or "ours:LOSS,LOSS" / "ours-compiled:LOSS,LOSS": our trainer once per loss, one after the other
+    in this process."""
     import torch
 
     results = {}
@@ -164,9 +168,11 @@ def _worker(side: str, steps: str, new_tokens: str) -> dict:
         if side == "trl":
             results["trl"] = _trl(int(steps), int(new_tokens), Path(tmp))
         else:
-            for i, loss in enumerate(side.split(":")[1].split(",")):
+            kind, losses = side.split(":")
+            for i, loss in enumerate(losses.split(",")):
                 (Path(tmp) / str(i)).mkdir()
-                results[f"ours-{loss}"] = _ours(loss, int(steps), int(new_tokens), Path(tmp) / str(i))
+                results[f"ours-{loss}" + kind[4:]] = _ours(loss, kind == "ours-compiled", int(steps), int(new_tokens),
+                                                           Path(tmp) / str(i))
     for name, result in results.items():
         if result["response_lengths"] != [int(new_tokens)]:
             raise AssertionError(f"{name}: responses of lengths {result['response_lengths']}, not all {new_tokens}")
@@ -179,12 +185,12 @@ def run(size: str) -> dict:
     require("trl")
     steps = by_size(size, smoke=3, quick=10, full=16)
     new_tokens = by_size(size, smoke=8, quick=64, full=64)
-    ours = ["ours:full_vocab,sampled"]
+    ours, compiled = ["ours:full_vocab,sampled"], ["ours-compiled:full_vocab,sampled"]
     swapped = ["ours:sampled,full_vocab"]
-    order = by_size(size, smoke=["trl"] + ours, quick=["trl"] + ours + ["trl"],
-                    full=["trl"] + ours + swapped + ["trl", "trl"] + ours)
+    order = by_size(size, smoke=["trl"] + ours, quick=["trl"] + ours + compiled + ["trl"],
+                    full=["trl"] + ours + compiled + swapped + ["trl", "trl"] + compiled + ours)
     samples = {side: {"wall": [], "cpu": []} for side in SIDES}
-    phases, threads = {}, None
+    phases, first_step, threads = {}, {}, None
     for worker in order:
         r = run_script(BENCH / "bench_opd_vs_trl.py", "--worker", worker, str(steps), str(new_tokens))
         threads = r["threads"]
@@ -193,20 +199,25 @@ def run(size: str) -> dict:
             samples[side]["cpu"] += data["cpu"]
             if data.get("phases"):
                 phases.setdefault(side, data["phases"])
+                first_step.setdefault(side, data["first_step_s"])
+    sides = [s for s in SIDES if samples[s]["cpu"]]
     result = {"student": describe("tiny"), "params": num_params("tiny"), "prompts_per_step": PROMPTS_PER_STEP,
               "new_tokens": new_tokens, "steps_per_run": steps, "runs": order, "threads": threads,
-              "cpu_seconds_per_step": {s: summary(samples[s]["cpu"]) for s in SIDES},
-              "wall_seconds_per_step": {s: summary(samples[s]["wall"]) for s in SIDES}, "phases": phases}
+              "cpu_seconds_per_step": {s: summary(samples[s]["cpu"]) for s in sides},
+              "wall_seconds_per_step": {s: summary(samples[s]["wall"]) for s in sides}, "phases": phases,
+              "first_step_s": first_step}
     for clock in ("cpu", "wall"):
         per_step = result[f"{clock}_seconds_per_step"]
-        result[f"{clock}_speedup_vs_trl"] = {s: per_step["trl"]["median"] / per_step[s]["median"] for s in SIDES[1:]}
-    result["meets_target"] = result["cpu_speedup_vs_trl"]["ours-full_vocab"] >= TARGET
+        result[f"{clock}_speedup_vs_trl"] = {s: per_step["trl"]["median"] / per_step[s]["median"] for s in sides[1:]}
+    # TRL's exact objective, decoded as a run of this length would be (auto: eager) or a long run (compiled)
+    result["target_side"] = "ours-full_vocab-compiled" if "ours-full_vocab-compiled" in sides else "ours-full_vocab"
+    result["meets_target"] = result["cpu_speedup_vs_trl"][result["target_side"]] >= TARGET
     return result
 
 
 def to_markdown(result: dict) -> str:
     rows = []
-    for side in SIDES:
+    for side in result["cpu_seconds_per_step"]:
         cpu, wall = result["cpu_seconds_per_step"][side], result["wall_seconds_per_step"][side]
         speed = {c: "1 (baseline)" if side == "trl" else f"{result[f'{c}_speedup_vs_trl'][side]:.2f}x"
                  for c in ("cpu", "wall")}
@@ -219,23 +230,23 @@ def to_markdown(result: dict) -> str:
             f"{result['steps_per_run']} steps per run, worker runs {', '.join(result['runs'])}, "
             f"{result['threads']} thread each; the first step of each run is excluded. Seconds per step = the "
             f"interval between step ends, in the process's CPU seconds (without the waits for a core; equal to the "
-            f"wall time on an idle machine) and in wall seconds; median (min-max, n). Target ours (full_vocab, "
-            f"TRL's exact objective) >= {TARGET}x faster: {verdict(result['meets_target'])}.\n\n{table}\n\n"
-            f"Our phases (median wall s/step, from metrics.jsonl):\n{phase_lines}")
+            f"wall time on an idle machine) and in wall seconds; median (min-max, n). Target {result['target_side']} "
+            f"(TRL's exact objective) >= {TARGET}x faster: {verdict(result['meets_target'])}.\n\n{table}\n\n"
+            f"Our phases (median wall s/step, from metrics.jsonl):\n{phase_lines}\n\nFirst step (excluded above; "
+            f"compiled: it holds the decode step's compile), wall s: "
+            + ", ".join(f"{side} {s:.1f}" for side, s in result["first_step_s"].items()))
 
 
 def notes(result: dict) -> str:
     speed, cpu = result["cpu_speedup_vs_trl"], result["cpu_seconds_per_step"]
-    ours = result["phases"].get("ours-full_vocab", {})
-    return (f"**OPD step {speed['ours-full_vocab']:.2f}x TRL (full_vocab; sampled {speed['ours-sampled']:.2f}x), "
-            f"target {TARGET}x. Reason: decoding dominates both sides.** Both decode with the same transformers model "
-            f"(our rollout phase {ours.get('rollout', float('nan')):.2f} of {sum(ours.values()):.2f} wall s/step; "
-            f"TRL's whole step {cpu['trl']['median']:.2f} CPU s), so the training side cannot make 2x. Ours also runs "
-            f"two forwards TRL does not (pi_old; for full_vocab the scorer's teacher pass, whose log-probs that loss "
-            f"does not use), under the CPU compatibility layer's process-wide TorchFunctionMode. *Would close it:* "
-            f"a faster decoder (SGLang on a GPU; no GPU run against TRL exists yet); pi_old from the training "
-            f"forward when updates_per_batch = 1; no scorer pass for full_vocab; the compat layer scoped to megatron "
-            f"calls.")
+    side = result["target_side"]
+    ours = result["phases"].get(side, {})
+    return (f"**OPD step {speed[side]:.2f}x TRL ({side}), target {TARGET}x. Reason: decoding dominates both "
+            f"sides.** Our rollout phase takes {ours.get('rollout', float('nan')):.2f} of "
+            f"{sum(ours.values()):.2f} wall s/step, TRL's whole step {cpu['trl']['median']:.2f} CPU s; the other "
+            f"passes are the same as TRL's (pi_old from the update's forward, one teacher pass). *Would close it:* "
+            f"decoding faster still (SGLang on a GPU; no GPU run against TRL exists yet), or a larger model, where "
+            f"per-token Python weighs less.")
 
 
 if __name__ == "__main__":
