@@ -257,7 +257,11 @@ def to_markdown(report: dict) -> str:
             f"CPU seconds, which leave out its waits for a core). Python {m['python']}, torch {v['torch']}, "
             f"megatron-core {v['megatron-core']}, transformers {v['transformers']}, trl {v['trl']}, accelerate "
             f"{v['accelerate']}. `python bench/run.py --size {size}` took "
-            f"{report['total_s'] / 60:.1f} min.\n\n")
+            f"{report['total_s'] / 60:.1f} min.")
+    earlier = sorted({d for d in report.get("measured", {}).values() if d != m["date"]})
+    if earlier:  # sections kept from earlier runs (--only)
+        head += f" Some sections were measured earlier ({', '.join(earlier)}): each section's heading gives its date."
+    head += "\n\n"
     targets = md_table(["measurement", "result", "target", "status"], headline(report["results"]))
     notes = [NOTES[name](result) for name, result in report["results"].items()
              if name in NOTES and not result["meets_target"]]
@@ -266,31 +270,46 @@ def to_markdown(report: dict) -> str:
         parts.append("\n## Missed targets: why, and what would close them\n\n"
                      + "\n".join(f"- {n}" for n in notes) + "\n")
     for name, result in report["results"].items():
-        parts.append(f"\n## {TITLES[name]} ({report['seconds'][name]:.0f} s; load average "
+        parts.append(f"\n## {TITLES[name]} ({report.get('measured', {}).get(name, m['date'])}, "
+                     f"{report['seconds'][name]:.0f} s; load average "
                      f"{report['load_avg'][name]:.1f} at its start)\n\n{MARKDOWN[name](result)}\n")
     for name, error in report["errors"].items():
         parts.append(f"\n## {TITLES[name]}: FAILED\n\n```\n{error}\n```\n")
     return "".join(parts)
 
 
+def _keep_other_sections(report: dict, previous: dict) -> None:
+    """Sections of an earlier report at the same size that this run did not measure, in the suite's order."""
+    if previous.get("size") != report["size"]:
+        return
+    for key in ("results", "seconds", "load_avg", "measured"):
+        merged = {**previous.get(key, {}), **report[key]}
+        report[key] = {name: merged[name] for name in SECTIONS if name in merged}
+    for name in report["results"]:
+        report["measured"].setdefault(name, previous["machine"]["date"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="full", help="smoke: seconds, quick: < 10 min, full")
     parser.add_argument("--quick", action="store_const", const="quick", dest="size", help="= --size quick")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS,
+                        help="run only these sections; the other sections of --out (same size) are kept, each with "
+                             "the date it was measured")
     parser.add_argument("--out", default=str(BENCH / "results.json"))
     args = parser.parse_args()
     sections = args.only or SECTIONS
 
     start = time.perf_counter()
     report = {"size": args.size, "machine": machine(), "threads_per_worker": THREADS or "default",
-              "results": {}, "seconds": {}, "load_avg": {}, "errors": {}}
+              "results": {}, "seconds": {}, "load_avg": {}, "measured": {}, "errors": {}}
     if set(sections) & {"opd", "teachers", "overlap", "rollout", "async", "soak"}:
         checkpoints()  # the tiny models, once (cached between runs)
     for name in sections:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         report["load_avg"][name] = os.getloadavg()[0]  # how busy the shared machine was as the section began
+        report["measured"][name] = report["machine"]["date"]
         try:
             report["results"][name] = RUNNERS[name](args.size)
         except MissingExtra as e:  # one line, no traceback: what to install
@@ -303,6 +322,8 @@ def main() -> None:
     report["total_s"] = time.perf_counter() - start
 
     out = Path(args.out)
+    if args.only and out.is_file():
+        _keep_other_sections(report, json.loads(out.read_text()))
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out)

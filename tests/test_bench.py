@@ -58,3 +58,23 @@ def test_a_missing_optional_peer_is_one_line_naming_the_extra(tmp_path):
     error = json.loads((tmp_path / "r.json").read_text())["errors"]["opd"]
     assert error == "trl is not installed; install the 'bench' extra: pip install -e \".[bench]\""
     assert "Traceback" not in proc.stderr
+
+
+def test_only_keeps_the_other_sections_of_the_same_size_with_their_dates():
+    sys.path.insert(0, str(ROOT))
+    from bench.run import _keep_other_sections
+
+    def report(size, date, sections):
+        return {"size": size, "machine": {"date": date}, "results": {s: {"of": date} for s in sections},
+                "seconds": {s: 1.0 for s in sections}, "load_avg": {s: 0.5 for s in sections},
+                "measured": {s: date for s in sections}}
+
+    previous = report("quick", "D0", ["gpu", "logprobs", "rollout"])
+    del previous["measured"]  # reports written before sections carried their dates
+    new = report("quick", "D1", ["rollout"])
+    _keep_other_sections(new, previous)
+    assert new["results"] == {"logprobs": {"of": "D0"}, "rollout": {"of": "D1"}, "gpu": {"of": "D0"}}
+    assert new["measured"] == {"logprobs": "D0", "rollout": "D1", "gpu": "D0"}
+    other_size = report("smoke", "D1", ["rollout"])
+    _keep_other_sections(other_size, previous)
+    assert list(other_size["results"]) == ["rollout"]
