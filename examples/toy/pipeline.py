@@ -65,10 +65,16 @@ class Profile:
     seeds: tuple[int, ...]
     lambdas: tuple[float, ...]
     eval_n: int  # avg@n
+    evals_per_run: int = 1  # held-out evaluations in each distillation run, evenly spaced, the last at its end
     sft_samples_per_domain: int = 400  # teacher samples for the SFT baseline: more than its steps can use
     careless_fraction: float = 0.5  # of the pretraining solutions (make_data.add_careless_answers says why)
     max_new_tokens: int = 64
     teacher_lr: float = 1e-4  # GRPO's Adam lr: at >= 3e-4 for 40 steps the tiny model collapses
+
+    def __post_init__(self) -> None:
+        if self.distill_steps % self.evals_per_run:  # the trainer evaluates every distill_steps / evals_per_run
+            raise ValueError(f"evals_per_run ({self.evals_per_run}) must divide distill_steps ({self.distill_steps}):"
+                             " the last evaluation must be at the end of the run")
 
 
 # Easy enough for a 0.8M model to get its worked solution right ~70% of the time after ~300 SFT steps on 2 cores
@@ -91,8 +97,11 @@ PROFILES = {
     # the test's pipeline: every stage, each as short as it can be (its numbers mean nothing; the learning itself
     # is shown by the full profile's report and tested where it is robust, tests/test_objectives.py)
     "quick": Profile(sizes={"test": 16, "val": 8, "train": 64, "pretrain": 400}, difficulty=DIFFICULTY,
-                     model=MODEL, pretrain_steps=40, teacher_steps=3, distill_steps=2, seeds=(1,),
-                     lambdas=(1.0, 1.25), eval_n=2, sft_samples_per_domain=16, teacher_lr=3e-4),
+                     model=MODEL, pretrain_steps=40, teacher_steps=3, distill_steps=2, seeds=(1, 2),
+                     lambdas=(1.0, 1.25), eval_n=2, evals_per_run=2, sft_samples_per_domain=16, teacher_lr=3e-4),
+    "paper": Profile(sizes={"test": 500, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
+                     model=MODEL, pretrain_steps=320, teacher_steps=28, distill_steps=40, seeds=(1, 2, 3, 4, 5),
+                     lambdas=(0.5, 1.0, 1.25, 1.5, 2.0), eval_n=4),
 }
 
 
@@ -249,7 +258,8 @@ class Pipeline:
     def eval_settings(self) -> dict:
         return {"data.eval": [self.data(f"{d}/test.jsonl") for d in DOMAINS],
                 "eval.n": self.profile.eval_n, "eval.max_prompts": len(DOMAINS) * self.profile.sizes["test"],
-                "eval.interval": self.profile.distill_steps, "rollout.max_new_tokens": self.profile.max_new_tokens}
+                "eval.interval": self.profile.distill_steps // self.profile.evals_per_run,
+                "rollout.max_new_tokens": self.profile.max_new_tokens}
 
     def evaluation_jobs(self) -> list[Job]:
         """The base, the teachers and ExPO, evaluated like a trainer's final evaluation: one process per model for
