@@ -30,7 +30,7 @@ def test_each_stage_produced_its_artefact(toy_run):
     expected = ["data/manifest.json", "data/math/test.jsonl", "tokenizer/tokenizer.json", "models/init/hf/config.json",
                 "models/base/config.json", "models/teacher-math/config.json", "models/teacher-code/config.json",
                 "data/samples/math.jsonl", "data/samples/code.jsonl", "models/expo/config.json",
-                "report.md", "results.json", "lambda_sweep.png"]
+                "report.md", "results.json", "lambda_sweep.png", "training_curves.png"]
     for run in ["pretrain", "teacher-math", "teacher-code"] + [
             f"{kind}-s{seed}" for seed in profile["seeds"]
             for kind in ["sft"] + [f"gopd-lam{lam:g}" for lam in profile["lambdas"]]]:
@@ -66,15 +66,45 @@ def test_ranks_per_run_places_the_teachers_then_the_rollout_engine_on_ranks_of_t
 def test_the_report_is_computed_from_the_runs(toy_run):
     out, _ = toy_run
     profile = json.loads((out / "profile.json").read_text())
-    seed = profile["seeds"][0]
+    seeds = profile["seeds"]
     table = json.loads((out / "results.json").read_text())["table"]
     n = profile["eval_n"]
-    base = json.loads((out / "eval" / f"base-s{seed}.json").read_text())["metrics"]
-    assert table["base"][f"math avg@{n}"] == [100 * base[f"math/avg@{n}"]]
-    last = json.loads((out / "runs" / f"gopd-lam1.25-s{seed}" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert table["ExOPD (lambda=1.25)"][f"code avg@{n}"] == [100 * last[f"eval/code/avg@{n}"]]
-    assert table["ExOPD (lambda=1.25)"]["code length"] == [last["eval/code/response_length"]]
+    base = [json.loads((out / "eval" / f"base-s{seed}.json").read_text())["metrics"] for seed in seeds]
+    assert table["base"][f"math avg@{n}"] == [100 * m[f"math/avg@{n}"] for m in base]
+    last = [json.loads((out / "runs" / f"gopd-lam1.25-s{seed}" / "metrics.jsonl").read_text().splitlines()[-1])
+            for seed in seeds]
+    assert table["ExOPD (lambda=1.25)"][f"code avg@{n}"] == [100 * m[f"eval/code/avg@{n}"] for m in last]
+    assert table["ExOPD (lambda=1.25)"]["code length"] == [m["eval/code/response_length"] for m in last]
     assert "| ExOPD (lambda=1.25) |" in (out / "report.md").read_text()
+
+
+def test_the_reports_claims_are_paired_differences_of_the_raw_evaluations(toy_run):
+    """ExOPD - OPD and ExOPD - teacher per domain, seed by seed, from the runs' last evaluation and the teachers'
+    evaluation files; the interval is the t-interval over the quick profile's 2 seeds (t_0.975 at 1 dof: 12.706)."""
+    out, _ = toy_run
+    profile = json.loads((out / "profile.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    n = profile["eval_n"]
+
+    def final_eval(run: str, seed: int) -> dict:
+        return json.loads((out / "runs" / f"{run}-s{seed}" / "metrics.jsonl").read_text().splitlines()[-1])
+
+    exopd_opd, exopd_teacher = results["claims"][0]["numbers"], results["claims"][1]["numbers"]["exopd_minus_teacher"]
+    for d in ("math", "code"):
+        exopd = [100 * final_eval("gopd-lam1.25", seed)[f"eval/{d}/avg@{n}"] for seed in profile["seeds"]]
+        opd = [100 * final_eval("gopd-lam1", seed)[f"eval/{d}/avg@{n}"] for seed in profile["seeds"]]
+        teacher = [100 * json.loads((out / "eval" / f"teacher-{d}-s{seed}.json").read_text())["metrics"][f"{d}/avg@{n}"]
+                   for seed in profile["seeds"]]
+        diffs = [a - b for a, b in zip(exopd, opd)]
+        assert exopd_opd[d]["values"] == pytest.approx(diffs, abs=1e-9)
+        half = 12.706 * abs(diffs[0] - diffs[1]) / 2  # the std of two values, over sqrt(2)
+        mean = (diffs[0] + diffs[1]) / 2
+        assert (exopd_opd[d]["low"], exopd_opd[d]["high"]) == pytest.approx((mean - half, mean + half), abs=1e-9)
+        assert exopd_teacher[d]["values"] == pytest.approx([a - b for a, b in zip(exopd, teacher)], abs=1e-9)
+    # OPD's plateau check reads its two evaluations (steps 1 and 2)
+    assert results["plateau"]["steps"] == [1, 2]
+    text = (out / "report.md").read_text()
+    assert all(f"**{claim['verdict']}**: {claim['claim']}" in text for claim in results["claims"])
 
 
 def test_each_teacher_trained_on_its_own_domain_and_each_sample_reached_its_teacher(toy_run):

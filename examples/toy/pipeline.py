@@ -1,6 +1,6 @@
 """The toy experiment: the paper's multi-teacher expert merging in miniature, end to end on CPU.
 
-    bash examples/toy/run.sh [--out runs/toy] [--fresh] [--profile full|quick]
+    bash examples/toy/run.sh [--out runs/toy] [--fresh] [--profile full|quick|paper]
 
 Stages, each cached in its own directory under --out (a rerun skips finished stages and resumes an interrupted
 trainer run from its last checkpoint; --fresh starts over):
@@ -14,7 +14,8 @@ trainer run from its last checkpoint; --fresh starts over):
   expo          ExPO, alpha = 0.5: extrapolation from the base through the teachers' mean weights
   distill       back into the base, for each seed: SFT on teacher samples, and G-OPD at each lambda; side by
                 side with the evaluation of base, teachers and ExPO on the held-out split, once per seed
-  report        the results table, response lengths and the lambda plot (report.py)
+  report        the results table, response lengths, the lambda plot, the G-OPD runs' curves per step and the
+                paper's claims with paired-by-seed intervals (report.py)
 
 Every trainer stage is `torchrun -m megatron_gopd.train` on a config written next to its outputs, so the toy
 goes through the same code as a cluster run. Distillation uses dedicated teacher ranks when --ranks-per-run
@@ -54,7 +55,8 @@ DOMAINS = ("math", "code")
 
 @dataclass(frozen=True)
 class Profile:
-    """How big each stage is. `full` is the README's run; `quick` checks the plumbing in a few minutes."""
+    """How big each stage is. `full` is the README's run; `quick` checks the plumbing in a few minutes; `paper` is
+    sized to test the paper's claims."""
 
     sizes: dict[str, int]  # rows per domain and split
     difficulty: dict[str, dict[str, str]]  # tasks.py knobs per domain
@@ -65,10 +67,16 @@ class Profile:
     seeds: tuple[int, ...]
     lambdas: tuple[float, ...]
     eval_n: int  # avg@n
+    evals_per_run: int = 1  # held-out evaluations in each distillation run, evenly spaced, the last at its end
     sft_samples_per_domain: int = 400  # teacher samples for the SFT baseline: more than its steps can use
     careless_fraction: float = 0.5  # of the pretraining solutions (make_data.add_careless_answers says why)
     max_new_tokens: int = 64
     teacher_lr: float = 1e-4  # GRPO's Adam lr: at >= 3e-4 for 40 steps the tiny model collapses
+
+    def __post_init__(self) -> None:
+        if self.distill_steps % self.evals_per_run:  # the trainer evaluates every distill_steps / evals_per_run
+            raise ValueError(f"evals_per_run ({self.evals_per_run}) must divide distill_steps ({self.distill_steps}):"
+                             " the last evaluation must be at the end of the run")
 
 
 # Easy enough for a 0.8M model to get its worked solution right ~70% of the time after ~300 SFT steps on 2 cores
@@ -91,8 +99,16 @@ PROFILES = {
     # the test's pipeline: every stage, each as short as it can be (its numbers mean nothing; the learning itself
     # is shown by the full profile's report and tested where it is robust, tests/test_objectives.py)
     "quick": Profile(sizes={"test": 16, "val": 8, "train": 64, "pretrain": 400}, difficulty=DIFFICULTY,
-                     model=MODEL, pretrain_steps=40, teacher_steps=3, distill_steps=2, seeds=(1,),
-                     lambdas=(1.0, 1.25), eval_n=2, sft_samples_per_domain=16, teacher_lr=3e-4),
+                     model=MODEL, pretrain_steps=40, teacher_steps=3, distill_steps=2, seeds=(1, 2),
+                     lambdas=(1.0, 1.25), eval_n=2, evals_per_run=2, sft_samples_per_domain=16, teacher_lr=3e-4),
+    # the paper's claims with enough power to see them (issue 25): 8 seeds and 4 x 500 held-out answers per domain
+    # for paired-by-seed intervals; 64 distillation steps, twice where OPD levelled off at its teachers in a probe
+    # of these settings (seed 1, math / code avg@4 every 8 steps: 33.8 / 22.1 at the start, 47.6 / 41.1 at step 8,
+    # 48.0 / 44.9 at 24, 51.8 / 46.8 at 32, 51.4 / 46.8 at 40, 53.7 / 46.0 at 48; teachers 52.5 on math, 47.3 on
+    # code), evaluated at 32 as well to show the plateau; lambda up to 2
+    "paper": Profile(sizes={"test": 500, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
+                     model=MODEL, pretrain_steps=320, teacher_steps=28, distill_steps=64, seeds=tuple(range(1, 9)),
+                     lambdas=(0.5, 1.0, 1.25, 1.5, 2.0), eval_n=4, evals_per_run=2, sft_samples_per_domain=1024),
 }
 
 
@@ -239,6 +255,9 @@ class Pipeline:
         rollout = self.ranks_per_run >= 2 + len(DOMAINS)
         settings = {"teachers": [{"name": d, "path": self.checkpoint(f"teacher-{d}"), "domains": [d],
                                   "placement": "dedicated" if teachers else "colocated"} for d in DOMAINS],
+                    # the base, named although it is the student's init: then lambda = 1 runs it too (it cancels
+                    # there) and logs the reward log pi_T - log pi_ref that the report plots for every lambda
+                    "reference.path": self.checkpoint("pretrain"),
                     "rollout.placement": "dedicated" if rollout else "colocated", "rollout.engines": 1}
         return 1 + len(DOMAINS) * teachers + rollout, settings
 
@@ -249,7 +268,8 @@ class Pipeline:
     def eval_settings(self) -> dict:
         return {"data.eval": [self.data(f"{d}/test.jsonl") for d in DOMAINS],
                 "eval.n": self.profile.eval_n, "eval.max_prompts": len(DOMAINS) * self.profile.sizes["test"],
-                "eval.interval": self.profile.distill_steps, "rollout.max_new_tokens": self.profile.max_new_tokens}
+                "eval.interval": self.profile.distill_steps // self.profile.evals_per_run,
+                "rollout.max_new_tokens": self.profile.max_new_tokens}
 
     def evaluation_jobs(self) -> list[Job]:
         """The base, the teachers and ExPO, evaluated like a trainer's final evaluation: one process per model for
