@@ -154,8 +154,22 @@ def _trl(steps: int, new_tokens: int, tmp: Path) -> dict:
     ours_ids = encode_prompts(messages[:4], tokenizer)
     trl_ids = trainer._tokenize_prompts(messages[:4])[0]  # the trainer's own prompt path
     assert [list(x) for x in trl_ids] == ours_ids, "TRL and megatron-gopd tokenise the prompts differently"
+    # TRL's generation phase: its trainer decodes through the student's own generate(), timed here per call
+    generations, plain_generate = [], trainer.model.generate
+
+    def timed_generate(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return plain_generate(*args, **kwargs)
+        finally:
+            generations.append((start, time.perf_counter() - start))
+
+    trainer.model.generate = timed_generate
     trainer.train()
-    return {**_step_times(ends), "response_lengths": sorted(lengths)}
+    times = _step_times(ends)
+    generate = sum(seconds for start, seconds in generations if start > ends[0][0]) / len(times["wall"])
+    phases = {"generate": generate, "rest of the step": summary(times["wall"])["median"] - generate}
+    return {**times, "phases": phases, "response_lengths": sorted(lengths)}
 
 
 def _worker(side: str, steps: str, new_tokens: str) -> dict:
@@ -197,8 +211,8 @@ def run(size: str) -> dict:
         for side, data in r["sides"].items():
             samples[side]["wall"] += data["wall"]
             samples[side]["cpu"] += data["cpu"]
-            if data.get("phases"):
-                phases.setdefault(side, data["phases"])
+            phases.setdefault(side, data["phases"])
+            if "first_step_s" in data:
                 first_step.setdefault(side, data["first_step_s"])
     sides = [s for s in SIDES if samples[s]["cpu"]]
     result = {"student": describe("tiny"), "params": num_params("tiny"), "prompts_per_step": PROMPTS_PER_STEP,
@@ -232,7 +246,8 @@ def to_markdown(result: dict) -> str:
             f"interval between step ends, in the process's CPU seconds (without the waits for a core; equal to the "
             f"wall time on an idle machine) and in wall seconds; median (min-max, n). Target {result['target_side']} "
             f"(TRL's exact objective) >= {TARGET}x faster: {verdict(result['meets_target'])}.\n\n{table}\n\n"
-            f"Our phases (median wall s/step, from metrics.jsonl):\n{phase_lines}\n\nFirst step (excluded above; "
+            f"Phases (wall s/step; ours: medians from metrics.jsonl, TRL: its generate() calls per step, the rest "
+            f"of its median step):\n{phase_lines}\n\nFirst step (excluded above; "
             f"compiled: it holds the decode step's compile), wall s: "
             + ", ".join(f"{side} {s:.1f}" for side, s in result["first_step_s"].items()))
 

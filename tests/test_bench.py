@@ -40,6 +40,7 @@ def test_each_bench_section_runs_at_smoke_size(section, bench_cache, tmp_path):
         for side in ("trl", "ours-full_vocab", "ours-sampled"):
             assert result["cpu_seconds_per_step"][side]["median"] > 0, side
         assert set(result["phases"]["ours-sampled"]) >= {"rollout", "teachers", "update"}
+        assert 0 < result["phases"]["trl"]["generate"] < result["wall_seconds_per_step"]["trl"]["median"]
     if section == "async":  # one step off: every measured step trained on samples exactly one update old
         result = report["results"]["async"]
         assert result["step_time_ratio"] > 0 and set(result["timeline_s"]["staleness_1"]) >= {"rollout", "update"}
