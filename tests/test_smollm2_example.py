@@ -85,4 +85,4 @@ def test_the_report_is_computed_from_the_raw_evaluations(smoke_run):
         assert f"| {row['accuracy']:.1f} ± " in report
     for arm in ("opd", "exopd"):
         steps = [json.loads(line) for line in (out / "runs" / arm / "metrics.jsonl").read_text().splitlines()]
-        assert results["training_kl"][arm] == [steps[0]["gopd/kl_teacher"], steps[-1]["gopd/kl_teacher"]]
+        assert results["training_kl"][arm] == [steps[0]["actor/full_vocab_kl"], steps[-1]["actor/full_vocab_kl"]]

