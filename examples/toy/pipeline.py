@@ -38,6 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 from tqdm import tqdm
@@ -136,6 +137,7 @@ class Pipeline:
     jobs: int
     ranks_per_run: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    configs: ClassVar[Path] = CONFIGS  # where trainer_job's templates live
 
     # ---- paths -----------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> Path:
@@ -288,7 +290,7 @@ class Pipeline:
     # ---- running commands ------------------------------------------------------------------------------------
     def trainer_job(self, name: str, template: str, settings: dict, nproc: int = 1) -> Job:
         workdir = self.path("runs", name)
-        config = yaml.safe_load((CONFIGS / template).read_text())
+        config = yaml.safe_load((self.configs / template).read_text())
         for dotted, value in {**settings, "train.output_dir": str(workdir)}.items():
             *parents, leaf = dotted.split(".")
             node = config

@@ -11,6 +11,7 @@ from megatron_gopd.eval.verifiers import (
     extract_code,
     final_answer,
     get_verifier,
+    last_number,
     verify_batch,
     verify_code,
     verify_math,
@@ -19,5 +20,5 @@ from megatron_gopd.eval.verifiers import (
 __all__ = [
     "VERIFIERS", "CodeTests", "Isolation", "RunResult", "SandboxLimits", "Verifier", "VerifyResult", "avg_at_n",
     "detect_isolation", "domain_metrics", "exact_match", "extract_code", "final_answer", "get_verifier",
-    "mean_pass_at_k", "pass_at_k", "run_python", "verify_batch", "verify_code", "verify_math",
+    "last_number", "mean_pass_at_k", "pass_at_k", "run_python", "verify_batch", "verify_code", "verify_math",
 ]

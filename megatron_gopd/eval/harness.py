@@ -46,7 +46,7 @@ def generate_and_verify(
     n: int,
     params: SamplingParams,
 ) -> list[dict]:
-    """n samples per item; one record per sample: uid, domain, correct, response length and text."""
+    """n samples per item; one record per sample: uid, domain, correct, response length, text and token ids."""
     prompts = [item.prompt_ids for item in items for _ in range(n)]
     samples = generate(prompts, params)
     expanded = [item for item in items for _ in range(n)]
@@ -54,7 +54,7 @@ def generate_and_verify(
     results = verify_items(expanded, texts)
     return [
         {"uid": item.uid, "domain": item.domain, "correct": r.correct, "length": len(s.response_ids),
-         "finish": s.finish_reason, "response": text}
+         "finish": s.finish_reason, "response": text, "response_ids": s.response_ids}
         for item, s, text, r in zip(expanded, samples, texts, results)
     ]
 
@@ -66,29 +66,36 @@ def dataset_of(uid: str) -> str:
 
 def summarize(records: list[dict], ks=(1,)) -> dict[str, float]:
     """avg@n and pass@k per domain and their mean, plus mean response length and truncation rate per domain;
-    and avg@n and pass@k per data file, as "dataset/<file stem>/..."."""
+    and avg@n and pass@k per data file, as "dataset/<file stem>/...". Records with a "reverse_kl" (the sum over
+    their response tokens, evaluate_hf_model's teacher) add its per-token mean per domain, "{domain}/reverse_kl"."""
     metrics = domain_metrics(((r["domain"], r["uid"], r["correct"]) for r in records), ks=ks)
     files = {dataset_of(r["uid"]) for r in records}
     per_file = domain_metrics(((dataset_of(r["uid"]), r["uid"], r["correct"]) for r in records), ks=ks)
     metrics.update({f"dataset/{k}": v for k, v in per_file.items() if k.split("/")[0] in files})  # not "mean/"
-    lengths, truncated = defaultdict(list), defaultdict(list)
+    lengths, truncated, kl = defaultdict(list), defaultdict(list), defaultdict(float)
+    has_kl = any("reverse_kl" in r for r in records)
     for r in records:
         lengths[r["domain"]].append(r["length"])
         truncated[r["domain"]].append(r["finish"] == "length")
+        kl[r["domain"]] += r.get("reverse_kl", 0.0)
     for domain in lengths:
         metrics[f"{domain}/response_length"] = sum(lengths[domain]) / len(lengths[domain])
         metrics[f"{domain}/truncated_frac"] = sum(truncated[domain]) / len(truncated[domain])
+        if has_kl:
+            metrics[f"{domain}/reverse_kl"] = kl[domain] / max(sum(lengths[domain]), 1)
     return metrics
 
 
 def evaluate_hf_model(model_dir, data, *, n, ks=(1,), temperature=1.0, max_new_tokens=512, max_prompts=None,
-                   max_prompt_len=2048, batch_size=64, seeds=(0,)) -> list[tuple[dict, list[dict]]]:
+                   max_prompt_len=2048, batch_size=64, seeds=(0,), teacher_dir=None) -> list[tuple[dict, list[dict]]]:
     """Loads a HF model directory into the transformers engine once and evaluates it on prompt files, once per
-    sampling seed: (metrics, records) per seed."""
+    sampling seed: (metrics, records) per seed. With `teacher_dir` (a HF model over the same vocabulary) each
+    record also gets "reverse_kl", the sum over its response tokens of the exact KL(model || teacher)."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_gopd.data.prompts import load_prompts
+    from megatron_gopd.eval.divergence import response_reverse_kl
     from megatron_gopd.rollout.hf_engine import HFRolloutEngine
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -99,8 +106,14 @@ def evaluate_hf_model(model_dir, data, *, n, ks=(1,), temperature=1.0, max_new_t
     params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens,
                             stop_token_ids=(tokenizer.eos_token_id,))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    teacher = None if teacher_dir is None else AutoModelForCausalLM.from_pretrained(teacher_dir).to(device).eval()
     results = []
     for seed in seeds:
         records = generate_and_verify(engine.generate, items, decode, n=n, params=dataclasses.replace(params, seed=seed))
+        if teacher is not None:
+            prompts = [item.prompt_ids for item in items for _ in range(n)]  # generate_and_verify's order
+            kls = response_reverse_kl(engine.model, teacher, [(p, r["response_ids"]) for p, r in zip(prompts, records)])
+            for record, kl in zip(records, kls):
+                record["reverse_kl"] = kl
         results.append((summarize(records, ks=ks), records))
     return results

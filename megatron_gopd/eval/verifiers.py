@@ -3,6 +3,8 @@
 - "math":  the last \\boxed{...} (or a final-answer line) checked against the reference with math-verify.
 - "code":  the last ```python block run against unit tests in the sandbox (see sandbox.py).
 - "exact": the final answer equal to the reference after whitespace normalisation (toy domains).
+- "number": the final answer, else the response's last number, equal to the reference as a number (short
+           arithmetic answers such as "7 * 8 = 56", which say no "answer").
 
 A bad response is never an exception: it is `VerifyResult(False, reason)`. A missing or ill-typed reference (the
 data's fault) raises; a reference math-verify cannot parse gives False with that reason.
@@ -247,9 +249,30 @@ def exact_match(response: str, answer: Any) -> VerifyResult:
     return VerifyResult(False, f"answer {predicted[:200]!r} != {expected[:200]!r}")
 
 
+# ---------------------------------------------------------------- last number
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def last_number(response: str, answer: Any) -> VerifyResult:
+    """The last number of the final answer (last \\boxed{} or answer line) if the response gives one, else of the
+    whole response, equal to float(answer); thousands separators are ignored."""
+    if answer is None:
+        raise ValueError("number reference answer is None")
+    expected = float(answer)
+    given = final_answer(response)
+    numbers = _NUMBER.findall((response if given is None else given).replace(",", ""))
+    if not numbers:
+        return VerifyResult(False, "no number in the response")
+    if float(numbers[-1]) == expected:
+        return VerifyResult(True, "correct")
+    return VerifyResult(False, f"answer {numbers[-1]} != {answer}")
+
+
 # ---------------------------------------------------------------- registry and batches
 
-VERIFIERS: dict[str, Verifier] = {"math": verify_math, "code": verify_code, "exact": exact_match}
+VERIFIERS: dict[str, Verifier] = {"math": verify_math, "code": verify_code, "exact": exact_match,
+                                  "number": last_number}
 
 
 def get_verifier(kind: str) -> Verifier:
