@@ -2,6 +2,7 @@
 (the SGLang adapter's tests are in test_sglang_engine.py)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -80,6 +81,11 @@ def test_transformers_engine_yields_rows_in_order_chunk_by_chunk(tmp_path):
     assert all(s.prompt_ids == prompts[row] for row, s in stream)
 
 
+NEEDS_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                    reason="torch.compile on the CPU builds C++ and no compiler is installed")
+
+
+@NEEDS_COMPILER
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
     """Issue 21: rollout.compile. The static-cache decoding under torch.compile samples the eager engine's tokens,
@@ -104,6 +110,7 @@ def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
     assert list(compiled._static_caches) == [(4, 32)]
 
 
+@NEEDS_COMPILER
 def test_compiled_decoding_compiles_once_per_shape_bucket(tmp_path):
     """Issue 21: a new batch or cache-length bucket compiles; other prompt lengths and batches inside a bucket reuse
     its graph (dynamo's unique-graph count and the engine's compile time stand still), and the stop-token path works
@@ -135,12 +142,14 @@ def test_compiled_decoding_compiles_once_per_shape_bucket(tmp_path):
     assert list(engine._static_caches) == [(2, 32), (4, 32)]
 
 
-def test_rollout_compile_is_validated_and_auto_compiles_long_runs():
+def test_rollout_compile_is_validated_and_auto_compiles_long_runs(monkeypatch):
     """Issue 21: rollout.compile takes auto | always | never (YAML reads on/off as booleans, which are refused
     naming the key); always needs the transformers engine; auto compiles when the run plans at least
-    AUTO_COMPILE_DECODE_STEPS decode steps."""
+    AUTO_COMPILE_DECODE_STEPS decode steps, and on a CPU without a C++ compiler stays eager (always is refused)."""
     from megatron_gopd.config import ConfigError, load_config
     from megatron_gopd.rollout.build import AUTO_COMPILE_DECODE_STEPS, compiles_decode
+
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")  # a compiler, on any test machine
 
     with pytest.raises(ConfigError, match=r"rollout.compile: True is not one of \['auto', 'always', 'never'\]"):
         load_config(overrides=["rollout.compile=on"])
@@ -152,6 +161,11 @@ def test_rollout_compile_is_validated_and_auto_compiles_long_runs():
     assert compiles_decode(load_config(overrides=short + [f"train.steps={steps}"]))
     assert not compiles_decode(load_config(overrides=short + [f"train.steps={steps}", "rollout.compile=never"]))
     assert compiles_decode(load_config(overrides=short + ["rollout.compile=always"]))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert not compiles_decode(load_config(overrides=short + [f"train.steps={steps}"]))
+    with pytest.raises(ValueError, match="rollout.compile: always needs a C\\+\\+ compiler"):
+        compiles_decode(load_config(overrides=short + ["rollout.compile=always"]))
 
 
 def test_sampling_params_are_validated():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 
+import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_gopd.config import RunConfig
@@ -25,10 +28,19 @@ AUTO_COMPILE_DECODE_STEPS = 50_000
 
 def compiles_decode(cfg: RunConfig) -> bool:
     """Whether the transformers engine compiles its decode step: rollout.compile, where auto counts the decode steps
-    the run plans at most (every chunk of every step decoding max_new_tokens; stop tokens end chunks sooner)."""
+    the run plans at most (every chunk of every step decoding max_new_tokens; stop tokens end chunks sooner). On CPU
+    inductor builds C++: without a compiler auto stays eager and always is refused, before any step."""
     r = cfg.rollout
-    if r.compile != "auto":
-        return r.compile == "always"
+    if r.compile == "never":
+        return False
+    compiler = os.environ.get("CXX", "g++")
+    if not torch.cuda.is_available() and shutil.which(compiler) is None:
+        if r.compile == "always":
+            raise ValueError(f"rollout.compile: always needs a C++ compiler for torch.compile on the CPU ({compiler!r}, "
+                             "or $CXX), and none is on PATH: install one (e.g. g++) or set rollout.compile: never")
+        return False
+    if r.compile == "always":
+        return True
     chunks = math.ceil(cfg.data.prompts_per_step * r.samples_per_prompt / r.chunk_size)
     return cfg.train.steps * chunks * r.max_new_tokens >= AUTO_COMPILE_DECODE_STEPS
 
