@@ -20,14 +20,11 @@ Stages, each cached under --out like the toy's (examples/toy/pipeline.py, whose 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import math
-import os
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -37,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: examples.toy is importable
 
-from examples.toy.pipeline import Job, Pipeline
+from examples.toy.pipeline import Job, Pipeline, pipeline_arguments, prepare_out
 
 PROMPT = 'What is {a} * {b}? End with "Answer: <number>".'
 OPERANDS = range(2, 13)
@@ -198,24 +195,10 @@ def write_report(out: Path, profile: Profile, stage_seconds: dict[str, float]) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "smollm2"), help="where every stage writes")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
-                        help="processes to run at once (default: the CPUs this process may use)")
+    parser = pipeline_arguments(__doc__, ROOT / "runs" / "smollm2", PROFILES)
     args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     profile = PROFILES[args.profile]
-    recorded, wanted = out / "profile.json", json.dumps(dataclasses.asdict(profile), indent=1)
-    if recorded.exists() and recorded.read_text() != wanted:  # cached stages of another profile must not mix in
-        sys.exit(f"error: {out} holds a run with other settings than --profile {args.profile} (see {recorded}); "
-                 "pass --fresh to redo it, or another --out")
-    recorded.write_text(wanted)
-    SmolLM2Pipeline(out, profile, jobs=max(1, args.jobs), ranks_per_run=1).run()
+    SmolLM2Pipeline(prepare_out(args, profile), profile, jobs=max(1, args.jobs), ranks_per_run=1).run()
 
 
 if __name__ == "__main__":

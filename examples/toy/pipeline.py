@@ -343,26 +343,39 @@ class Pipeline:
         return job
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "toy"), help="where every stage writes")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+def pipeline_arguments(description: str, default_out: Path, profiles: dict) -> argparse.ArgumentParser:
+    """The options every example pipeline takes: where it writes, its profile, starting over, parallel jobs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(default_out), help="where every stage writes")
+    parser.add_argument("--profile", choices=sorted(profiles), default="full")
     parser.add_argument("--fresh", action="store_true", help="delete --out first and redo every stage")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                         help="processes to run at once (default: the CPUs this process may use)")
-    parser.add_argument("--ranks-per-run", type=int, default=1,
-                        help="ranks per G-OPD run: 3 gives each teacher a dedicated rank, 4 also the rollout engine")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def prepare_out(args: argparse.Namespace, profile) -> Path:
+    """--out, emptied with --fresh, and holding `profile` (a dataclass): cached stages of another profile there would
+    mix into this run, so that stops with how to proceed."""
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    profile = PROFILES[args.profile]
     recorded, wanted = out / "profile.json", json.dumps(dataclasses.asdict(profile), indent=1)
-    if recorded.exists() and recorded.read_text() != wanted:  # cached stages of another profile must not mix in
+    if recorded.exists() and recorded.read_text() != wanted:
         sys.exit(f"error: {out} holds a run with other settings than --profile {args.profile} (see {recorded}); "
                  "pass --fresh to redo it, or another --out")
     recorded.write_text(wanted)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = pipeline_arguments(__doc__, ROOT / "runs" / "toy", PROFILES)
+    parser.add_argument("--ranks-per-run", type=int, default=1,
+                        help="ranks per G-OPD run: 3 gives each teacher a dedicated rank, 4 also the rollout engine")
+    args = parser.parse_args(argv)
+    profile = PROFILES[args.profile]
+    out = prepare_out(args, profile)
     Pipeline(out, profile, jobs=max(1, args.jobs), ranks_per_run=args.ranks_per_run).run()
 
 
