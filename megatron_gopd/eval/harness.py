@@ -107,13 +107,13 @@ def evaluate_hf_model(model_dir, data, *, n, ks=(1,), temperature=1.0, max_new_t
                             stop_token_ids=(tokenizer.eos_token_id,))
     decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
     teacher = None if teacher_dir is None else AutoModelForCausalLM.from_pretrained(teacher_dir).to(device).eval()
+    prompt_of = {item.uid: item.prompt_ids for item in items}
     results = []
     for seed in seeds:
         records = generate_and_verify(engine.generate, items, decode, n=n, params=dataclasses.replace(params, seed=seed))
         if teacher is not None:
-            prompts = [item.prompt_ids for item in items for _ in range(n)]  # generate_and_verify's order
-            kls = response_reverse_kl(engine.model, teacher, [(p, r["response_ids"]) for p, r in zip(prompts, records)])
-            for record, kl in zip(records, kls):
+            rows = [(prompt_of[r["uid"]], r["response_ids"]) for r in records]
+            for record, kl in zip(records, response_reverse_kl(engine.model, teacher, rows)):
                 record["reverse_kl"] = kl
         results.append((summarize(records, ks=ks), records))
     return results

