@@ -29,16 +29,23 @@ def test_each_stage_produced_its_artefact(toy_run):
     profile = json.loads((out / "profile.json").read_text())
     expected = ["data/manifest.json", "data/math/test.jsonl", "tokenizer/tokenizer.json", "models/init/hf/config.json",
                 "models/base/config.json", "models/teacher-math/config.json", "models/teacher-code/config.json",
+                "models/init-strong/hf/config.json", "models/teacher-strong/config.json",
                 "data/samples/math.jsonl", "data/samples/code.jsonl", "models/expo/config.json",
                 "report.md", "results.json", "lambda_sweep.png", "training_curves.png"]
-    for run in ["pretrain", "teacher-math", "teacher-code"] + [
-            f"{kind}-s{seed}" for seed in profile["seeds"]
-            for kind in ["sft"] + [f"gopd-lam{lam:g}" for lam in profile["lambdas"]]]:
+    for run in ["pretrain", "teacher-math", "teacher-code", "pretrain-strong", "teacher-strong"] + [
+            f"{kind}-s{seed}" for seed in profile["seeds"] for kind in
+            ["sft", "s2w-ref-init", "s2w-ref-teacher-base"] + [f"gopd-lam{lam:g}" for lam in profile["lambdas"]]]:
         expected += [f"runs/{run}/checkpoints/latest", f"runs/{run}/metrics.jsonl"]
-    for name in ["base", "teacher-math", "teacher-code", "expo"]:
+    for name in ["base", "teacher-math", "teacher-code", "teacher-strong", "expo"]:
         expected += [f"eval/{name}-s{seed}.json" for seed in profile["seeds"]]
     missing = [path for path in expected if not (out / path).exists()]
     assert not missing, missing
+    # the strong teacher: larger than the student, from another init, GRPO on both domains
+    shapes = {name: json.loads((out / "models" / name / "config.json").read_text()) for name in ("base", "teacher-strong")}
+    assert shapes["teacher-strong"]["hidden_size"] == profile["strong"]["model"]["hidden_size"]
+    assert shapes["teacher-strong"]["num_hidden_layers"] > shapes["base"]["num_hidden_layers"]
+    steps = [json.loads(line) for line in (out / "runs" / "teacher-strong" / "metrics.jsonl").read_text().splitlines()]
+    assert any("grpo/math/reward" in m for m in steps) and any("grpo/code/reward" in m for m in steps)
     # the G-OPD runs used dedicated ranks: 1 student + 2 teachers + 1 rollout engine
     config = yaml.safe_load((out / "runs" / f"gopd-lam1-s{profile['seeds'][0]}" / "config.yaml").read_text())
     assert [t["placement"] for t in config["teachers"]] == ["dedicated", "dedicated"]
@@ -52,15 +59,43 @@ def test_ranks_per_run_places_the_teachers_then_the_rollout_engine_on_ranks_of_t
         ranks, nproc, teachers, rollout, tmp_path):
     from examples.toy.pipeline import PROFILES, Pipeline
 
-    for run in ("pretrain", "teacher-math", "teacher-code"):
+    for run in ("pretrain", "teacher-math", "teacher-code", "pretrain-strong", "teacher-strong"):
         (tmp_path / "runs" / run / "checkpoints").mkdir(parents=True)
         (tmp_path / "runs" / run / "checkpoints" / "latest").write_text("iter_2")
     gopd, sft = Pipeline(tmp_path, PROFILES["quick"], jobs=2, ranks_per_run=ranks).distill_jobs()
-    assert {job.nproc for job in gopd} == {nproc} and {job.nproc for job in sft} == {1}
-    config = yaml.safe_load((tmp_path / "runs" / gopd[0].name / "pipeline.yaml").read_text())
+    sweep = [job for job in gopd if job.name.startswith("gopd-")]
+    assert {job.nproc for job in sweep} == {nproc} and {job.nproc for job in sft} == {1}
+    config = yaml.safe_load((tmp_path / "runs" / sweep[0].name / "pipeline.yaml").read_text())
     assert [t["placement"] for t in config["teachers"]] == [teachers, teachers]
     assert config["rollout"]["placement"] == rollout and config["rollout"]["engines"] == 1
-    assert gopd[0].cmd[gopd[0].cmd.index("--standalone") + 1] == f"--nproc_per_node={nproc}"
+    assert sweep[0].cmd[sweep[0].cmd.index("--standalone") + 1] == f"--nproc_per_node={nproc}"
+    # the strong-to-weak arm: one teacher for both domains, so it takes a dedicated rank from 2 ranks per run
+    strong = [job for job in gopd if job.name.startswith("s2w-")]
+    assert len(strong) == 2 * len(PROFILES["quick"].seeds)
+    config = yaml.safe_load((tmp_path / "runs" / strong[0].name / "pipeline.yaml").read_text())
+    assert [(t["name"], t["domains"]) for t in config["teachers"]] == [("strong", ["math", "code"])]
+    assert config["teachers"][0]["placement"] == ("dedicated" if ranks >= 2 else "colocated")
+    assert {job.nproc for job in strong} == {min(ranks, 3) if ranks >= 2 else 1}
+
+
+def test_the_strong_to_weak_arm_differs_in_its_reference_only(tmp_path):
+    """Reward correction: the same strong teacher and lambda, the reference is the student's init or the strong
+    teacher's own base; both runs start from the student's base."""
+    from examples.toy.pipeline import PROFILES, Pipeline
+
+    for run in ("pretrain", "teacher-math", "teacher-code", "pretrain-strong", "teacher-strong"):
+        (tmp_path / "runs" / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / run / "checkpoints" / "latest").write_text("iter_2")
+    Pipeline(tmp_path, PROFILES["quick"], jobs=2, ranks_per_run=1).distill_jobs()
+    init, corrected = (yaml.safe_load((tmp_path / "runs" / f"{name}-s1" / "pipeline.yaml").read_text())
+                       for name in ("s2w-ref-init", "s2w-ref-teacher-base"))
+    assert init["reference"]["path"] == str(tmp_path / "runs" / "pretrain" / "checkpoints" / "iter_2")
+    assert corrected["reference"]["path"] == str(tmp_path / "runs" / "pretrain-strong" / "checkpoints" / "iter_2")
+    assert init["student"]["path"] == corrected["student"]["path"] == init["reference"]["path"]
+    assert init["algo"]["lam"] == PROFILES["quick"].strong.lam
+    init["reference"], corrected["reference"] = {}, {}
+    init["train"]["output_dir"] = corrected["train"]["output_dir"] = ""
+    assert init == corrected
 
 
 def test_the_report_is_computed_from_the_runs(toy_run):
@@ -101,6 +136,12 @@ def test_the_reports_claims_are_paired_differences_of_the_raw_evaluations(toy_ru
         mean = (diffs[0] + diffs[1]) / 2
         assert (exopd_opd[d]["low"], exopd_opd[d]["high"]) == pytest.approx((mean - half, mean + half), abs=1e-9)
         assert exopd_teacher[d]["values"] == pytest.approx([a - b for a, b in zip(exopd, teacher)], abs=1e-9)
+    # claim 5: reward correction minus the student's init as the reference, on the strong-to-weak runs
+    correction = results["claims"][4]["numbers"]
+    for d in ("math", "code"):
+        diffs = [100 * (final_eval("s2w-ref-teacher-base", seed)[f"eval/{d}/avg@{n}"]
+                        - final_eval("s2w-ref-init", seed)[f"eval/{d}/avg@{n}"]) for seed in profile["seeds"]]
+        assert correction[d]["values"] == pytest.approx(diffs, abs=1e-9)
     # OPD's plateau check reads its two evaluations (steps 1 and 2)
     assert results["plateau"]["steps"] == [1, 2]
     text = (out / "report.md").read_text()

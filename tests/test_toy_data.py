@@ -16,6 +16,8 @@ from examples.toy.tasks import (
     CodeConfig,
     DSLError,
     MathConfig,
+    Problem,
+    concludes,
     config_from_overrides,
     grade,
     math_step,
@@ -154,6 +156,24 @@ def test_math_detail_knob_sets_scratchpad_length():
     assert mean_detailed > 1.5 * mean_terse, (mean_terse, mean_detailed)
     lengths = {len(s.split("\n")) for s in terse}
     assert lengths == {3, 4, 5}  # 2..4 operations, one line each, plus the answer line
+
+
+def test_math_check_knob_adds_a_concluding_line_that_careless_answers_never_follow():
+    rng = random.Random(9)
+    problems = [sample("math", rng, MathConfig(check_prob=0.3)) for _ in range(400)]
+    checked = [p for p in problems if concludes(p.solution)]
+    # 400 draws at 0.3: standard error 2.3 points, so 0.2-0.4 is over 4 of them
+    assert 0.2 < len(checked) / len(problems) < 0.4, len(checked)
+    for problem in checked:
+        *work, conclusion, answer = problem.solution.split("\n")
+        assert conclusion == f"So {problem.prompt}={problem.answer}" and answer == f"Answer: {problem.answer}"
+        check_math(Problem("math", problem.prompt, problem.answer, "\n".join([*work, answer]), problem.num_ops),
+                   MathConfig())
+    assert not any(concludes(sample("math", rng).solution) for _ in range(200))  # off by default
+    rows = [make_data.problem_row(p) for p in problems]
+    make_data.add_careless_answers(rows, 1.0, random.Random(0))  # every row that can be careless is
+    for row, problem in zip(rows, problems):
+        assert (row["solution"] == problem.solution) == concludes(problem.solution)
 
 
 @pytest.mark.parametrize("op, a, b, detailed, line", [

@@ -36,6 +36,7 @@ from examples.toy.tasks import (
     CodeConfig,
     MathConfig,
     Problem,
+    concludes,
     config_from_overrides,
     sample,
 )
@@ -85,10 +86,11 @@ def add_careless_answers(rows: list[dict], fraction: float, rng: random.Random) 
     """Ends `fraction` of the worked solutions with another row's answer: the worked steps stay right, the final
     line does not follow from them. A base pretrained on this corpus often writes a final answer that ignores its
     own work, which is what RL on a verifiable reward fixes first (the toy's stand-in for a pretrained model's
-    bad habits that RL removes); the `answer` column is never touched."""
+    bad habits that RL removes); the `answer` column is never touched. A solution that restates its result first
+    (tasks.concludes) is never made careless: writing that line is the habit that protects the answer."""
     answers = sorted({row["answer"] for row in rows})
     for row in rows:
-        if rng.random() < fraction and len(answers) > 1:
+        if rng.random() < fraction and len(answers) > 1 and not concludes(row["solution"]):
             wrong = rng.choice([a for a in answers if a != row["answer"]])
             row["solution"] = row["solution"].rsplit("Answer: ", 1)[0] + f"Answer: {wrong}"
 

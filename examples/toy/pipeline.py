@@ -14,6 +14,9 @@ trainer run from its last checkpoint; --fresh starts over):
   expo          ExPO, alpha = 0.5: extrapolation from the base through the teachers' mean weights
   distill       back into the base, for each seed: SFT on teacher samples, and G-OPD at each lambda; side by
                 side with the evaluation of base, teachers and ExPO on the held-out split, once per seed
+  strong        with a strong-to-weak arm (profile.strong): a larger model from its own random init, pretrained
+                and GRPO-trained on both domains like the base and the teachers; distilled into the (smaller)
+                base with the reference = the student's init, and = the strong teacher's own base (reward correction)
   report        the results table, response lengths, the lambda plot, the G-OPD runs' curves per step and the
                 paper's claims with paired-by-seed intervals (report.py)
 
@@ -52,6 +55,18 @@ from examples.toy.tokenizer import build_tokenizer, corpus_texts
 
 CONFIGS = Path(__file__).parent / "configs"
 DOMAINS = ("math", "code")
+# the strong-to-weak arm's runs (report.py labels them) -> the trainer run whose final weights are their reference
+STRONG_TO_WEAK_REFERENCES = {"s2w-ref-init": "pretrain", "s2w-ref-teacher-base": "pretrain-strong"}
+
+
+@dataclass(frozen=True)
+class StrongToWeak:
+    """The strong-to-weak arm (the paper's reward correction): one teacher larger than the student, from a base of
+    its own, distilled at lambda `lam` with each of the two references."""
+
+    model: dict[str, int]  # the strong teacher's shape (MODEL's keys)
+    lam: float = 1.25
+    init_seed: int = 1  # its random init's torch seed (the student's base is from seed 0): another base
 
 
 @dataclass(frozen=True)
@@ -68,11 +83,13 @@ class Profile:
     seeds: tuple[int, ...]
     lambdas: tuple[float, ...]
     eval_n: int  # avg@n
-    evals_per_run: int = 1  # held-out evaluations in each distillation run, evenly spaced, the last at its end
+    # held-out evaluations in each OPD run, evenly spaced, the last at its end (the plateau check); other runs once
+    evals_per_run: int = 1
     sft_samples_per_domain: int = 400  # teacher samples for the SFT baseline: more than its steps can use
     careless_fraction: float = 0.5  # of the pretraining solutions (make_data.add_careless_answers says why)
     max_new_tokens: int = 64
     teacher_lr: float = 1e-4  # GRPO's Adam lr: at >= 3e-4 for 40 steps the tiny model collapses
+    strong: StrongToWeak | None = None  # the strong-to-weak arm, run for every seed; None: not run
 
     def __post_init__(self) -> None:
         if self.distill_steps % self.evals_per_run:  # the trainer evaluates every distill_steps / evals_per_run
@@ -91,8 +108,14 @@ DIFFICULTY = {
     "code": {"min_ops": "2", "max_ops": "2", "min_len": "3", "max_len": "4", "max_item": "9", "max_arg": "2",
              "string_prob": "0", "list_ops": "rev,sort,take,drop"},
 }
+# The paper profile's math lets a longer answer earn more (claim 3): 30% of the pretraining solutions restate their
+# result before the answer, and those are never careless (tasks.py, check_prob)
+PAPER_DIFFICULTY = {**DIFFICULTY, "math": {**DIFFICULTY["math"], "check_prob": "0.3"}}
 MODEL = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 384, "num_attention_heads": 4,
          "num_key_value_heads": 2}
+# the strong teacher: ~3x the base's parameters, the paper's strong-to-weak setting in miniature
+STRONG_MODEL = {"hidden_size": 192, "num_hidden_layers": 6, "intermediate_size": 576, "num_attention_heads": 6,
+                "num_key_value_heads": 2}
 PROFILES = {
     "full": Profile(sizes={"test": 100, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
                     model=MODEL, pretrain_steps=320, teacher_steps=28, distill_steps=10, seeds=(1, 2, 3),
@@ -101,15 +124,17 @@ PROFILES = {
     # is shown by the full profile's report and tested where it is robust, tests/test_objectives.py)
     "quick": Profile(sizes={"test": 16, "val": 8, "train": 64, "pretrain": 400}, difficulty=DIFFICULTY,
                      model=MODEL, pretrain_steps=40, teacher_steps=3, distill_steps=2, seeds=(1, 2),
-                     lambdas=(1.0, 1.25), eval_n=2, evals_per_run=2, sft_samples_per_domain=16, teacher_lr=3e-4),
+                     lambdas=(1.0, 1.25), eval_n=2, evals_per_run=2, sft_samples_per_domain=16, teacher_lr=3e-4,
+                     strong=StrongToWeak(STRONG_MODEL)),
     # the paper's claims with enough power to see them (issue 25): 8 seeds and 4 x 500 held-out answers per domain
     # for paired-by-seed intervals; 64 distillation steps, twice where OPD levelled off at its teachers in a probe
     # of these settings (seed 1, math / code avg@4 every 8 steps: 33.8 / 22.1 at the start, 47.6 / 41.1 at step 8,
     # 48.0 / 44.9 at 24, 51.8 / 46.8 at 32, 51.4 / 46.8 at 40, 53.7 / 46.0 at 48; teachers 52.5 on math, 47.3 on
     # code), evaluated at 32 as well to show the plateau; lambda up to 2
-    "paper": Profile(sizes={"test": 500, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=DIFFICULTY,
+    "paper": Profile(sizes={"test": 500, "val": 100, "train": 1500, "pretrain": 5000}, difficulty=PAPER_DIFFICULTY,
                      model=MODEL, pretrain_steps=320, teacher_steps=28, distill_steps=64, seeds=tuple(range(1, 9)),
-                     lambdas=(0.5, 1.0, 1.25, 1.5, 2.0), eval_n=4, evals_per_run=2, sft_samples_per_domain=1024),
+                     lambdas=(0.5, 1.0, 1.25, 1.5, 2.0), eval_n=4, evals_per_run=2, sft_samples_per_domain=1024,
+                     strong=StrongToWeak(STRONG_MODEL)),
 }
 
 
@@ -174,40 +199,57 @@ class Pipeline:
         if not self.path("tokenizer", "tokenizer.json").exists():
             build_tokenizer(corpus_texts(self.path("data"))).save_pretrained(self.path("tokenizer"))
 
+    def random_inits(self) -> dict[str, tuple[dict[str, int], int]]:
+        """Each random init -> (its shape, its torch seed): the student's base, and the strong teacher's own."""
+        inits = {"init": (self.profile.model, 0)}
+        if self.profile.strong:
+            inits["init-strong"] = (self.profile.strong.model, self.profile.strong.init_seed)
+        return inits
+
     def init_model(self) -> None:
-        hf, ckpt = self.path("models", "init-hf"), self.path("models", "init")
-        if self.done("init"):
+        todo = {name: init for name, init in self.random_inits().items() if not self.done(name)}
+        if not todo:
             return
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.path("tokenizer"))
-        dims = self.profile.model
-        config = AutoConfig.for_model(
-            "qwen3", vocab_size=len(tokenizer), head_dim=dims["hidden_size"] // dims["num_attention_heads"],
-            max_position_embeddings=4 * self.profile.max_new_tokens, tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **dims)
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config).save_pretrained(hf)
-        tokenizer.save_pretrained(hf)
-        self.run_jobs("init", [Job("init", [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(hf),
-                                           "--save-dir", str(ckpt)])])
+        jobs = []
+        for name, (dims, seed) in todo.items():
+            config = AutoConfig.for_model(
+                "qwen3", vocab_size=len(tokenizer), head_dim=dims["hidden_size"] // dims["num_attention_heads"],
+                max_position_embeddings=4 * self.profile.max_new_tokens, tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, **dims)
+            torch.manual_seed(seed)
+            hf = self.path("models", f"{name}-hf")
+            AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+            tokenizer.save_pretrained(hf)
+            jobs.append(Job(name, [sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(hf),
+                                   "--save-dir", str(self.path("models", name))]))
+        self.run_jobs("init", jobs)
 
     def pretrain(self) -> None:
-        self.run_jobs("pretrain", [self.trainer_job("pretrain", "pretrain.yaml", nproc=self.jobs, settings={
-            "student.path": str(self.path("models", "init")),
+        """The student's base (run `pretrain`), and the strong teacher's (`pretrain-strong`: the same corpus and steps,
+        from its own init)."""
+        self.run_jobs("pretrain", [self.trainer_job(name.replace("init", "pretrain"), "pretrain.yaml",
+                                                    nproc=self.jobs, settings={
+            "student.path": str(self.path("models", name)),
             "data.train": [self.data("pretrain.jsonl")],
             "train.steps": self.profile.pretrain_steps,
-        })])
+        }) for name in self.random_inits()])
 
     def train_teachers(self) -> None:
-        self.run_jobs("teachers", [self.trainer_job(f"teacher-{domain}", "teacher.yaml", settings={
-            "student.path": self.checkpoint("pretrain"),
-            "data.train": [self.data(f"{domain}/train.jsonl")],
+        """A domain expert per domain from the base; the strong teacher from its own base on both domains."""
+        bases = {f"teacher-{d}": ("pretrain", [f"{d}/train.jsonl"]) for d in DOMAINS}
+        if self.profile.strong:
+            bases["teacher-strong"] = ("pretrain-strong", ["train.jsonl"])
+        self.run_jobs("teachers", [self.trainer_job(name, "teacher.yaml", settings={
+            "student.path": self.checkpoint(base),
+            "data.train": [self.data(f) for f in files],
             "train.steps": self.profile.teacher_steps,
             "optim.lr": self.profile.teacher_lr,
-        }) for domain in DOMAINS])
+        }) for name, (base, files) in bases.items()])
 
     def convert_models(self) -> None:
         self.run_jobs("hf", [Job(f"{name}-hf", [sys.executable, "tools/convert_megatron_to_hf.py", "--load-dir",
@@ -215,7 +257,9 @@ class Pipeline:
                              for name, run in self.hf_models().items()])
 
     def hf_models(self) -> dict[str, str]:
-        return {"base": "pretrain", **{f"teacher-{d}": f"teacher-{d}" for d in DOMAINS}}
+        """The models evaluated by the pipeline itself (in HF format): HF name -> trainer run."""
+        teachers = [*(f"teacher-{d}" for d in DOMAINS), *(["teacher-strong"] if self.profile.strong else [])]
+        return {"base": "pretrain", **{name: name for name in teachers}}
 
     def sample_teachers(self) -> None:
         self.run_jobs("samples", [Job(f"samples-{d}", [
@@ -238,39 +282,51 @@ class Pipeline:
         self.run_jobs("distill", gopd + self.evaluation_jobs() + sft)
 
     def distill_jobs(self) -> tuple[list[Job], list[Job]]:
-        """The G-OPD runs, and the SFT runs."""
+        """The G-OPD runs (the lambda sweep, then the strong-to-weak arm), and the SFT runs."""
         gopd, sft = [], []
-        nproc, placement = self.gopd_placement()
+        nproc, placement = self.gopd_placement({d: (f"teacher-{d}", [d]) for d in DOMAINS}, reference="pretrain")
         for seed in self.profile.seeds:
             sft.append(self.trainer_job(f"sft-s{seed}", "distill.yaml", settings={
                 **self.distill_settings(seed), "algo.name": "sft", "teachers": [],
                 "data.train": [self.data(f"samples/{d}.jsonl") for d in DOMAINS], "data.response_key": "response"}))
             for lam in self.profile.lambdas:
                 gopd.append(self.trainer_job(f"gopd-lam{lam:g}-s{seed}", "distill.yaml", nproc=nproc, settings={
-                    **self.distill_settings(seed), **placement, "algo.lam": lam}))
+                    **self.distill_settings(seed, lam == 1.0), **placement, "algo.lam": lam}))
+        if self.profile.strong:
+            strong = {"strong": ("teacher-strong", list(DOMAINS))}
+            for name, reference in STRONG_TO_WEAK_REFERENCES.items():
+                nproc, placement = self.gopd_placement(strong, reference)
+                gopd += [self.trainer_job(f"{name}-s{seed}", "distill.yaml", nproc=nproc, settings={
+                    **self.distill_settings(seed), **placement, "algo.lam": self.profile.strong.lam})
+                    for seed in self.profile.seeds]
         return gopd, sft
 
-    def gopd_placement(self) -> tuple[int, dict]:
-        """The ranks of a G-OPD run and where its teachers and rollout engine live, from --ranks-per-run: 1 student
-        rank, + 1 per teacher when they fit, + 1 rollout engine rank when that fits too."""
-        teachers = self.ranks_per_run >= 1 + len(DOMAINS)
-        rollout = self.ranks_per_run >= 2 + len(DOMAINS)
-        settings = {"teachers": [{"name": d, "path": self.checkpoint(f"teacher-{d}"), "domains": [d],
-                                  "placement": "dedicated" if teachers else "colocated"} for d in DOMAINS],
-                    # the base, named although it is the student's init: then lambda = 1 runs it too (it cancels
+    def gopd_placement(self, teachers: dict[str, tuple[str, list[str]]], reference: str) -> tuple[int, dict]:
+        """The ranks of a G-OPD run and where its teachers (name -> (trainer run, domains)), reference (a trainer
+        run) and rollout engine live, from --ranks-per-run: 1 student rank, + 1 per teacher when they fit, + 1
+        rollout engine rank when that fits too."""
+        dedicated = self.ranks_per_run >= 1 + len(teachers)
+        rollout = self.ranks_per_run >= 2 + len(teachers)
+        settings = {"teachers": [{"name": name, "path": self.checkpoint(run), "domains": domains,
+                                  "placement": "dedicated" if dedicated else "colocated"}
+                                 for name, (run, domains) in teachers.items()],
+                    # named even when it is the student's init (the base): then lambda = 1 runs it too (it cancels
                     # there) and logs the reward log pi_T - log pi_ref that the report plots for every lambda
-                    "reference.path": self.checkpoint("pretrain"),
+                    "reference.path": self.checkpoint(reference),
                     "rollout.placement": "dedicated" if rollout else "colocated", "rollout.engines": 1}
-        return 1 + len(DOMAINS) * teachers + rollout, settings
+        return 1 + len(teachers) * dedicated + rollout, settings
 
-    def distill_settings(self, seed: int) -> dict:
+    def distill_settings(self, seed: int, plateau_check: bool = False) -> dict:
+        """A distillation run's settings; OPD's runs (plateau_check) evaluate evals_per_run times, the others only at
+        their end: the held-out evaluations cost as much as the training itself."""
+        evaluations = self.profile.evals_per_run if plateau_check else 1
         return {"student.path": self.checkpoint("pretrain"), "data.train": [self.data("train.jsonl")],
-                "train.steps": self.profile.distill_steps, "train.seed": seed, **self.eval_settings()}
+                "train.steps": self.profile.distill_steps, "train.seed": seed, **self.eval_settings(),
+                "eval.interval": self.profile.distill_steps // evaluations}
 
     def eval_settings(self) -> dict:
         return {"data.eval": [self.data(f"{d}/test.jsonl") for d in DOMAINS],
                 "eval.n": self.profile.eval_n, "eval.max_prompts": len(DOMAINS) * self.profile.sizes["test"],
-                "eval.interval": self.profile.distill_steps // self.profile.evals_per_run,
                 "rollout.max_new_tokens": self.profile.max_new_tokens}
 
     def evaluation_jobs(self) -> list[Job]:
@@ -284,6 +340,7 @@ class Pipeline:
 
     def report(self) -> None:
         results = report.write_report(self.out, seeds=self.profile.seeds, lambdas=self.profile.lambdas,
+                                      strong_to_weak=self.profile.strong is not None,
                                       stage_seconds=self.stage_seconds)
         print(results["markdown"])
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 DOMAINS = ("math", "code")
 OPD, EXOPD = "OPD (lambda=1)", "ExOPD (lambda=1.25)"
+# the strong-to-weak arm's rows: one larger teacher from its own base, each reference
+S2W_INIT, S2W_CORRECTED = "strong-to-weak, ref = student's init", "strong-to-weak, ref = teacher's base"
+STRONG_TEACHER = "teacher (strong)"
 # two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1): the interval of a mean over few seeds
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
@@ -26,12 +29,15 @@ def gopd_label(lam: float) -> str:
     return {1.0: OPD, 1.25: EXOPD}.get(lam, f"G-OPD (lambda={lam:g})")
 
 
-def methods(lambdas) -> dict[str, str]:
+def methods(lambdas, strong_to_weak: bool = False) -> dict[str, str]:
     """Row label -> where its numbers live: eval/<name>-s<seed>.json or runs/<name>-s<seed>/metrics.jsonl."""
     rows = {"base": "eval:base", **{f"teacher ({d})": f"eval:teacher-{d}" for d in DOMAINS},
             "ExPO (alpha=0.5)": "eval:expo", "SFT on teacher samples": "run:sft"}
     for lam in sorted(lambdas, key=lambda x: (x not in (1.0, 1.25), x)):
         rows[gopd_label(lam)] = f"run:gopd-lam{lam:g}"
+    if strong_to_weak:
+        rows |= {STRONG_TEACHER: "eval:teacher-strong", S2W_INIT: "run:s2w-ref-init",
+                 S2W_CORRECTED: "run:s2w-ref-teacher-base"}
     return rows
 
 
@@ -45,10 +51,10 @@ def seed_metrics(out: Path, source: str, seed: int) -> dict[str, float]:
     return {k.removeprefix("eval/"): v for k, v in last_eval.items() if k.startswith("eval/")}
 
 
-def collect(out: Path, seeds, lambdas) -> dict[str, dict[str, list[float]]]:
+def collect(out: Path, seeds, lambdas, strong_to_weak: bool = False) -> dict[str, dict[str, list[float]]]:
     """Row label -> metric -> one value per seed (accuracy in %, response length in tokens)."""
     table = {}
-    for label, source in methods(lambdas).items():
+    for label, source in methods(lambdas, strong_to_weak).items():
         per_seed = [seed_metrics(out, source, seed) for seed in seeds]
         avg = next(k.split("/")[1] for k in per_seed[0] if k.startswith("math/avg@"))
         table[label] = {}
@@ -207,8 +213,21 @@ def claims(table, runs, lambdas) -> list[dict]:
     else:
         claim(text, "not tested", ["the profile has no lambda >= 1.5"], {})
 
-    claim("with a stronger teacher from another base, reward correction (reference = the teacher's base) beats the "
-          "student's own init as the reference", "not tested", ["this profile has no strong-to-weak arm"], {})
+    text = ("with a stronger teacher from another base, reward correction (reference = the teacher's base) beats the "
+            "student's own init as the reference")
+    if {S2W_INIT, S2W_CORRECTED} <= has:
+        diffs = {d: paired(table, S2W_CORRECTED, S2W_INIT, acc[d]) for d in [*DOMAINS, "mean"]}
+        signs = [sign(diffs[d]) for d in DOMAINS]
+        verdict = ("reproduced" if all(x > 0 for x in signs) else "reversed" if all(x < 0 for x in signs)
+                   else "partly reproduced" if any(x > 0 for x in signs) else "not reproduced")
+        evidence = [f"(ref = teacher's base) - (ref = student's init), {d} avg@n: {shown(diffs[d], ' points')}"
+                    for d in diffs]
+        evidence += [f"the strong teacher on {d}: {statistics.fmean(table[STRONG_TEACHER][acc[d]]):.1f} (the {d} "
+                     f"teacher {statistics.fmean(table[f'teacher ({d})'][acc[d]]):.1f}, the student's base "
+                     f"{statistics.fmean(table['base'][acc[d]]):.1f})" for d in DOMAINS]
+        claim(text, verdict, evidence, diffs)
+    else:
+        claim(text, "not tested", ["this profile has no strong-to-weak arm"], {})
     return found
 
 
@@ -289,8 +308,8 @@ def plot_curves(runs, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, *, seeds, lambdas, stage_seconds=None) -> dict:
-    table = collect(out, seeds, lambdas)
+def write_report(out: Path, *, seeds, lambdas, strong_to_weak: bool = False, stage_seconds=None) -> dict:
+    table = collect(out, seeds, lambdas, strong_to_weak)
     runs = curves(out, seeds, lambdas)
     found, flat = claims(table, runs, lambdas), plateau(runs)
     text = markdown(table, seeds, stage_seconds, found, flat)
@@ -309,7 +328,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     profile = json.loads((out / "profile.json").read_text())
-    print(write_report(out, seeds=profile["seeds"], lambdas=profile["lambdas"])["markdown"])
+    print(write_report(out, seeds=profile["seeds"], lambdas=profile["lambdas"],
+                       strong_to_weak=profile.get("strong") is not None)["markdown"])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
   `detail_prob`, decomposed by place value (`17+25=17+20+5=37+5=42`). The detailed lines are longer but each of
   their steps is easier, so a policy can trade length for accuracy: that is the lever that lets response length
   move with lambda.
+  With probability `check_prob` the solution ends with a concluding line that restates the result
+  (`So 5+(6-1)+4=14`) before the answer. The pretraining corpus's careless answers (make_data) never follow that
+  line, so a model that writes it answers right more often: an optional, longer step that raises accuracy, the
+  lever that lets length grow under RL and with lambda (the detailed lines alone did not move it). Off by default.
 - "code": pipelines in a tiny DSL over int lists and lowercase strings, e.g. `[3,8,1,6]|map(*2)|filter(>5)|sum`. The answer is found by parsing the prompt text and EXECUTING the reference implementation of each op
   (`run_program`), so the ground truth is by execution. The worked solution traces each op's value.
 
@@ -34,6 +38,7 @@ from typing import Any
 from megatron_gopd.eval.verifiers import exact_match
 
 DOMAINS = ("math", "code")
+CONCLUSION = "So "  # starts the optional line that restates a math solution's result (MathConfig.check_prob)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,12 @@ class Problem:
 
 # ---------------------------------------------------------------- math
 
+def concludes(solution: str) -> bool:
+    """Whether a solution restates its result on the line before its answer (MathConfig.check_prob)."""
+    lines = solution.split("\n")
+    return len(lines) >= 2 and lines[-2].startswith(CONCLUSION)
+
+
 @dataclass(frozen=True)
 class MathConfig:
     """Difficulty of the math domain (the module doc says why the defaults are what they are)."""
@@ -59,6 +70,7 @@ class MathConfig:
     max_value: int = 999  # every intermediate value must lie in [0, max_value] (negatives are rejected)
     mul_prob: float = 0.3  # chance that an operation is *, the rest split evenly between + and -
     detail_prob: float = 0.5  # chance that a solution line is decomposed by place value
+    check_prob: float = 0.0  # chance that the solution restates its result before the answer (the doc says why)
 
     def __post_init__(self) -> None:
         _check_range("min_ops", self.min_ops, "max_ops", self.max_ops, lowest=1)
@@ -68,6 +80,7 @@ class MathConfig:
             raise ValueError(f"max_value ({self.max_value}) must be >= max_operand ({self.max_operand})")
         _check_probability("mul_prob", self.mul_prob)
         _check_probability("detail_prob", self.detail_prob)
+        _check_probability("check_prob", self.check_prob)
 
 
 @dataclass(frozen=True)
@@ -103,8 +116,10 @@ def sample_math(rng: random.Random, config: MathConfig | None = None) -> Problem
             value = _solve(tree, rng, config, lines)
         except _Rejected:
             continue
-        answer = str(value)
-        return Problem("math", _render(tree), answer, "\n".join(lines + [f"Answer: {answer}"]), num_ops)
+        answer, prompt = str(value), _render(tree)
+        if config.check_prob and rng.random() < config.check_prob:  # drawn only when on: the same data when off
+            lines.append(f"{CONCLUSION}{prompt}={answer}")
+        return Problem("math", prompt, answer, "\n".join(lines + [f"Answer: {answer}"]), num_ops)
 
 
 def _random_tree(rng: random.Random, num_ops: int, config: MathConfig, small: bool = False) -> _Expr:
