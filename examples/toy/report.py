@@ -105,6 +105,12 @@ def sign(iv: dict) -> int:
     return 1 if iv["low"] > 0 else -1 if iv["high"] < 0 else 0
 
 
+def improvement_verdict(signs: list[int]) -> str:
+    """A claim that one row beats another on each domain, from the signs of its per-domain intervals."""
+    return ("reproduced" if all(x > 0 for x in signs) else "reversed" if all(x < 0 for x in signs)
+            else "partly reproduced" if any(x > 0 for x in signs) else "not reproduced")
+
+
 def findings(table) -> list[str]:
     """What the numbers say, computed here so that nothing in the report is typed by hand."""
     mean_key = accuracy_key(table, "mean")
@@ -154,8 +160,7 @@ def claims(table, runs, lambdas) -> list[dict]:
     if {OPD, EXOPD} <= has:
         diffs = {d: paired(table, EXOPD, OPD, acc[d]) for d in [*DOMAINS, "mean"]}
         signs = [sign(diffs[d]) for d in DOMAINS]
-        verdict = ("reproduced" if all(x > 0 for x in signs) else "reversed" if all(x < 0 for x in signs)
-                   else "partly reproduced" if any(x > 0 for x in signs) else "not reproduced")
+        verdict = improvement_verdict(signs)
         claim(text, verdict, [f"ExOPD - OPD, {d} avg@n: {shown(diffs[d], ' points')}" for d in diffs],
               {d: diffs[d] for d in diffs})
     else:
@@ -218,8 +223,7 @@ def claims(table, runs, lambdas) -> list[dict]:
     if {S2W_INIT, S2W_CORRECTED} <= has:
         diffs = {d: paired(table, S2W_CORRECTED, S2W_INIT, acc[d]) for d in [*DOMAINS, "mean"]}
         signs = [sign(diffs[d]) for d in DOMAINS]
-        verdict = ("reproduced" if all(x > 0 for x in signs) else "reversed" if all(x < 0 for x in signs)
-                   else "partly reproduced" if any(x > 0 for x in signs) else "not reproduced")
+        verdict = improvement_verdict(signs)
         evidence = [f"(ref = teacher's base) - (ref = student's init), {d} avg@n: {shown(diffs[d], ' points')}"
                     for d in diffs]
         evidence += [f"the strong teacher on {d}: {statistics.fmean(table[STRONG_TEACHER][acc[d]]):.1f} (the {d} "
