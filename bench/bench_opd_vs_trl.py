@@ -223,9 +223,10 @@ def run(size: str) -> dict:
     for clock in ("cpu", "wall"):
         per_step = result[f"{clock}_seconds_per_step"]
         result[f"{clock}_speedup_vs_trl"] = {s: per_step["trl"]["median"] / per_step[s]["median"] for s in sides[1:]}
-    # TRL's exact objective, decoded as a run of this length would be (auto: eager) or a long run (compiled)
-    result["target_side"] = "ours-full_vocab-compiled" if "ours-full_vocab-compiled" in sides else "ours-full_vocab"
-    result["meets_target"] = result["cpu_speedup_vs_trl"][result["target_side"]] >= TARGET
+    # both losses (full_vocab: TRL's exact objective), decoded as a long run would (compiled) where that was measured
+    kind = "-compiled" if "ours-full_vocab-compiled" in sides else ""
+    result["target_sides"] = [f"ours-full_vocab{kind}", f"ours-sampled{kind}"]
+    result["meets_target"] = all(result["cpu_speedup_vs_trl"][s] >= TARGET for s in result["target_sides"])
     return result
 
 
@@ -244,8 +245,9 @@ def to_markdown(result: dict) -> str:
             f"{result['steps_per_run']} steps per run, worker runs {', '.join(result['runs'])}, "
             f"{result['threads']} thread each; the first step of each run is excluded. Seconds per step = the "
             f"interval between step ends, in the process's CPU seconds (without the waits for a core; equal to the "
-            f"wall time on an idle machine) and in wall seconds; median (min-max, n). Target {result['target_side']} "
-            f"(TRL's exact objective) >= {TARGET}x faster: {verdict(result['meets_target'])}.\n\n{table}\n\n"
+            f"wall time on an idle machine) and in wall seconds; median (min-max, n). Target "
+            f"{' and '.join(result['target_sides'])} >= {TARGET}x faster: {verdict(result['meets_target'])}."
+            f"\n\n{table}\n\n"
             f"Phases (wall s/step; ours: medians from metrics.jsonl, TRL: its generate() calls per step, the rest "
             f"of its median step):\n{phase_lines}\n\nFirst step (excluded above; "
             f"compiled: it holds the decode step's compile), wall s: "
@@ -254,7 +256,7 @@ def to_markdown(result: dict) -> str:
 
 def notes(result: dict) -> str:
     speed, cpu = result["cpu_speedup_vs_trl"], result["cpu_seconds_per_step"]
-    side = result["target_side"]
+    side = min(result["target_sides"], key=speed.get)
     ours = result["phases"].get(side, {})
     return (f"**OPD step {speed[side]:.2f}x TRL ({side}), target {TARGET}x. Reason: decoding dominates both "
             f"sides.** Our rollout phase takes {ours.get('rollout', float('nan')):.2f} of "

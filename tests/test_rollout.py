@@ -90,12 +90,13 @@ NEEDS_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) i
 def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
     """Issue 21: rollout.compile. The static-cache decoding under torch.compile samples the eager engine's tokens,
     with its log-probs to float tolerance (compiled kernels round differently), for left-padded prompts in a batch
-    padded to its bucket (3 rows -> 4), and an in-place weight sync reaches the compiled graph."""
+    padded to its bucket (3 rows -> 4), and an in-place weight sync reaches the compiled graph, which runs without
+    its guards, also after a sleep released the cache."""
     tiny_hf_model(name).config.save_pretrained(tmp_path)
     eager, compiled = HFRolloutEngine(str(tmp_path)), HFRolloutEngine(str(tmp_path), compile=True)
     prompts = [[5, 17, 42], [7, 7, 9, 100, 3], [11, 12]]
     params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=12, seed=3)
-    responses = []
+    responses, compile_seconds = [], []
     for seed in (4, 5):
         weights = hub_parameters(tiny_hf_model(name, seed=seed))
         for engine in (eager, compiled):
@@ -106,8 +107,11 @@ def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
             assert len(g.logprobs) == 12
             assert torch.allclose(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=0, atol=1e-5)
         responses.append([s.response_ids for s in got])
+        assert list(compiled._static_caches) == [(4, 32)] and compiled._compiled_buckets == {(4, 32): True}
+        compile_seconds.append(compiled.compile_seconds)
+        compiled.sleep()  # as between training steps: the cache goes, and the next call's prefill allocates anew
     assert responses[0] != responses[1]  # the second sync changed what the compiled graph computes
-    assert list(compiled._static_caches) == [(4, 32)]
+    assert compile_seconds[1] == compile_seconds[0] > 0  # no second warm-up after the sleep
 
 
 @NEEDS_COMPILER
@@ -140,6 +144,26 @@ def test_compiled_decoding_compiles_once_per_shape_bucket(tmp_path):
     grown = graphs_and_seconds([[5, 17, 42], [7, 9], [1, 2, 3]])  # bucket (4, 32)
     assert grown[0] > first[0] and grown[1] > first[1]
     assert list(engine._static_caches) == [(2, 32), (4, 32)]
+
+
+@NEEDS_COMPILER
+def test_compiled_decoding_past_the_recompile_limit_keeps_its_guards(tmp_path, monkeypatch):
+    """Issue 21: a bucket's decode steps skip dynamo's guards only when the bucket has a graph of its own. Past
+    dynamo's recompile limit a new bucket's step runs eagerly: that bucket keeps its guards (skipping them would
+    raise), with a warning naming the limit, and still samples the eager engine's tokens."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    hf = tiny_hf_model("llama", seed=6)
+    hf.config.save_pretrained(tmp_path)
+    engine, eager = HFRolloutEngine(str(tmp_path), compile=True), HFRolloutEngine(str(tmp_path))
+    for e in (engine, eager):
+        e.sync_weights(hf.state_dict().items())
+    params = SamplingParams(temperature=1.0, max_new_tokens=30, seed=2)
+    engine.generate([[5, 17, 42]], params)  # bucket (1, 64): the step's first graph, or none where others exist
+    prompts = [[5, 17, 42], [7, 9], [1, 2, 3], [4], [8, 8]]  # bucket (8, 64), which no other test uses: past the limit
+    with pytest.warns(UserWarning, match=r"8 rows x 64 cache positions has no compiled graph \(torch._dynamo"):
+        got = engine.generate(prompts, params)
+    assert engine._compiled_buckets[8, 64] is False
+    assert [s.response_ids for s in got] == [s.response_ids for s in eager.generate(prompts, params)]
 
 
 def test_rollout_compile_is_validated_and_auto_compiles_long_runs(monkeypatch):

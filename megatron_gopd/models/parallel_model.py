@@ -36,6 +36,7 @@ from megatron_gopd.metrics import merge_metrics, reduce_metrics
 from megatron_gopd.models.architectures import ModelDims
 from megatron_gopd.models.expert_load import ExpertLoad
 from megatron_gopd.models.packing import ROW_BOUNDS, packed_positions, packed_seq_params, row_starts
+from megatron_gopd.runtime.cpu_compat import plain_torch
 from megatron_gopd.runtime.distributed import collectives_scoped_to, computed_on, device
 
 # "tokens" [b, s] plus any per-token inputs of the loss; packed (models/packing.py): b = 1, plus "cu_seqlens"
@@ -195,12 +196,15 @@ class ParallelModel:
         """This stage's output for a micro-batch (`host`: its CPU tensors, `tokens` on the model's device), and the
         first index of each packed row (None unpacked)."""
         b, s = tokens.shape
-        if ROW_BOUNDS not in host:
-            positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
-            return model(tokens, positions, None), None
-        packing = packed_seq_params(host[ROW_BOUNDS], s, tokens.device)
-        positions = packed_positions(packing.cu_seqlens_q, s)
-        return model(tokens, positions, None, packed_seq_params=packing), row_starts(packing.cu_seqlens_q, s)
+        # The model's layers never name CUDA (only megatron's schedules, DDP and optimizer do): they run without the
+        # CPU compatibility layer's per-call rewrite, at plain torch's speed.
+        with plain_torch():
+            if ROW_BOUNDS not in host:
+                positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)
+                return model(tokens, positions, None), None
+            packing = packed_seq_params(host[ROW_BOUNDS], s, tokens.device)
+            positions = packed_positions(packing.cu_seqlens_q, s)
+            return model(tokens, positions, None, packed_seq_params=packing), row_starts(packing.cu_seqlens_q, s)
 
     @torch.no_grad()
     def logits(self, mb: MicroBatch) -> torch.Tensor:

@@ -11,12 +11,20 @@ powers of two), so that a run compiles a handful of graphs, not one per chunk; i
 is torch's grouped-query sdpa (sdpa_grouped_decode). Compiled kernels round differently from eager ones, so the
 log-probs agree with the eager engine's to float tolerance. Sampling stays eager and on the real rows only, so the
 generator's stream, and the tokens, do not depend on the padding.
+
+On the CPU a small model's compiled step spent as long in Python around its kernels as in them (bench_rollout):
+inductor's C++ wrapper launches the kernels from C++, and within a generate call the step runs without evaluating
+dynamo's guards (set_stance skip_guard_eval_unsafe): from step to step its inputs keep the shapes, dtypes and
+objects that the bucket's warm-up call passed the guards with. A bucket without a graph of its own (past dynamo's
+recompile limit) keeps its guards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
+import warnings
 from typing import Iterator
 
 import torch
@@ -76,6 +84,12 @@ AttentionMaskInterface.register(GROUPED_DECODE, sdpa_mask)
 MIN_CACHE = 32  # compiled decoding: the shortest static cache
 
 
+def _without_guards():
+    """Compiled frames run the graph their inputs last matched, without evaluating its guards (see the module's
+    docstring for when that is safe); a call that would need a new graph raises RuntimeError instead."""
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
 def shape_bucket(batch: int, length: int, max_batch_size: int) -> tuple[int, int]:
     """The (rows, cache length) a compiled decode step runs at: the batch and the length padded to powers of two
     (rows at most max_batch_size, the cache at least MIN_CACHE). Each bucket is a graph of its own, and past dynamo's
@@ -97,7 +111,9 @@ class HFRolloutEngine:
         # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.x
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         # The parameters are inputs of the compiled graphs (not frozen constants), so in-place weight syncs reach them.
-        self._compiled_step = torch.compile(self._step, dynamic=False) if compile else None
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self._compiled_step = torch.compile(self._step, dynamic=False, options=options) if compile else None
+        self._compiled_buckets: dict[tuple[int, int], bool] = {}  # shape bucket -> whether it has a graph of its own
         if compile and self.model.config._attn_implementation == "sdpa":
             self.model.set_attn_implementation(GROUPED_DECODE)
         self._static_caches: dict[tuple[int, int], StaticCache] = {}  # per shape bucket, reused call after call
@@ -149,19 +165,35 @@ class HFRolloutEngine:
                           use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits[:, -1]
 
     def _static_cache(self, rows: int, length: int) -> StaticCache:
-        """The bucket's cache, emptied. A new bucket's first decode step is compiled here, on dummy tokens after an
-        eager one-token prefill (which allocates the cache: allocation must stay out of the graph), and timed."""
-        cache = self._static_caches.get((rows, length))
+        """The bucket's cache, emptied; after a sleep a new one, which the eager prefill allocates (allocation must
+        stay out of the graph)."""
+        bucket = (rows, length)
+        cache = self._static_caches.get(bucket)
         if cache is None:
-            cache = self._static_caches[rows, length] = StaticCache(config=self.model.config, max_cache_len=length)
-            ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-            mask = torch.ones(rows, length, dtype=torch.long, device=self.device)
-            self._step(ids, mask[:, :1], ids, cache)
-            start = time.perf_counter()
-            self._compiled_step(ids, mask, ids + 1, cache)
-            self.compile_seconds += time.perf_counter() - start
+            cache = self._static_caches[bucket] = StaticCache(config=self.model.config, max_cache_len=length)
+            if bucket not in self._compiled_buckets:
+                self._compiled_buckets[bucket] = self._compile_bucket(rows, length, cache)
         cache.reset()
         return cache
+
+    def _compile_bucket(self, rows: int, length: int, cache: StaticCache) -> bool:
+        """Compiles a new bucket's decode step (timed), on dummy tokens after an eager one-token prefill that
+        allocates the cache. Returns whether the bucket has a graph of its own, which its decode steps then run
+        without the guards."""
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        mask = torch.ones(rows, length, dtype=torch.long, device=self.device)
+        self._step(ids, mask[:, :1], ids, cache)
+        start = time.perf_counter()
+        self._compiled_step(ids, mask, ids + 1, cache)
+        self.compile_seconds += time.perf_counter() - start
+        try:  # the same call again, without the guards: it fails only where no graph matches (an eager step)
+            with _without_guards():
+                self._compiled_step(ids, mask, ids + 1, cache)
+            return True
+        except RuntimeError:
+            warnings.warn(f"rollout: the decode step of the bucket of {rows} rows x {length} cache positions has no "
+                          "compiled graph (torch._dynamo.config.recompile_limit reached); it runs eagerly", stacklevel=3)
+            return False
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator) -> list[Sample]:
@@ -191,17 +223,18 @@ class HFRolloutEngine:
         tokens, logprobs = [], []
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         logits = self._step(input_ids, mask[:, :longest] if padded or compiled else None, positions, cache)
-        for step in range(params.max_new_tokens):
-            token, token_lp = sample_next(logits[:batch], params, generator)
-            tokens.append(token)
-            logprobs.append(token_lp)
-            finished |= torch.isin(token, stop)
-            if finished.all() or step == params.max_new_tokens - 1:
-                break
-            next_ids[:batch, 0] = token
-            if not compiled:
-                attention = mask[:, : longest + step + 1] if padded else None
-            logits = decode(next_ids, attention, positions[:, -1:] + step + 1, cache)
+        with _without_guards() if self._compiled_buckets.get((rows, length)) else contextlib.nullcontext():
+            for step in range(params.max_new_tokens):
+                token, token_lp = sample_next(logits[:batch], params, generator)
+                tokens.append(token)
+                logprobs.append(token_lp)
+                finished |= torch.isin(token, stop)
+                if finished.all() or step == params.max_new_tokens - 1:
+                    break
+                next_ids[:batch, 0] = token
+                if not compiled:
+                    attention = mask[:, : longest + step + 1] if padded else None
+                logits = decode(next_ids, attention, positions[:, -1:] + step + 1, cache)
         tokens = torch.stack(tokens, 1).tolist()
         logprobs = torch.stack(logprobs, 1).tolist()
         samples = []

@@ -173,8 +173,9 @@ def apply_if_needed() -> bool:
 @contextlib.contextmanager
 def plain_torch():
     """Runs a block without the CUDA-to-CPU rewrite, at plain torch's speed: the mode puts a Python call in front of
-    every torch call, and only megatron's own code needs it (the rollout engine never names CUDA). A no-op where the
-    rewrite is not active, or not the innermost mode (modes are a stack; only the top one can step aside)."""
+    every torch call, and only megatron's schedules, DDP and optimizer need it (neither the rollout engine nor the
+    model's layers name CUDA). A no-op where the rewrite is not active, or not the innermost mode (modes are a stack;
+    only the top one can step aside)."""
     from torch.overrides import _get_current_function_mode_stack
 
     stack = _get_current_function_mode_stack()
