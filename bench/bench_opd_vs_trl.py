@@ -29,8 +29,10 @@ ours: the trainer's per-step log call), which counts every phase of the loop on 
 start-up are excluded. Time is counted twice: the process's CPU seconds (every worker runs one thread, so this
 leaves out the waits for a core on a shared machine, and equals wall time on an idle one; neighbours still slow it
 through shared caches) and wall seconds. TRL runs in a clean process; ours in another (with the CPU compatibility
-layer every CPU training process has), both of our loss rows one after the other. Worker runs alternate: TRL, ours,
-TRL (quick); TRL, ours, ours, TRL, TRL, ours (full); TRL, ours (smoke).
+layer every CPU training process has), both of our loss rows one after the other. Worker runs alternate: TRL, ours
+eager, ours compiled, TRL, ours compiled (quick: the rows the target is on come from two runs, as the machine's noise
+moved one run's median by up to 40%); TRL, eager, compiled, eager (losses swapped), TRL, TRL, compiled, eager (full);
+TRL, eager (smoke).
 
     python bench/bench_opd_vs_trl.py [--size smoke|quick|full]
 """
@@ -201,7 +203,7 @@ def run(size: str) -> dict:
     new_tokens = by_size(size, smoke=8, quick=64, full=64)
     ours, compiled = ["ours:full_vocab,sampled"], ["ours-compiled:full_vocab,sampled"]
     swapped = ["ours:sampled,full_vocab"]
-    order = by_size(size, smoke=["trl"] + ours, quick=["trl"] + ours + compiled + ["trl"],
+    order = by_size(size, smoke=["trl"] + ours, quick=["trl"] + ours + compiled + ["trl"] + compiled,
                     full=["trl"] + ours + compiled + swapped + ["trl", "trl"] + compiled + ours)
     samples = {side: {"wall": [], "cpu": []} for side in SIDES}
     phases, first_step, threads = {}, {}, None
