@@ -14,9 +14,10 @@ generator's stream, and the tokens, do not depend on the padding.
 
 On the CPU a small model's compiled step spent as long in Python around its kernels as in them (bench_rollout):
 inductor's C++ wrapper launches the kernels from C++, and within a generate call the step runs without evaluating
-dynamo's guards (set_stance skip_guard_eval_unsafe): from step to step its inputs keep the shapes, dtypes and
-objects that the bucket's warm-up call passed the guards with. A bucket without a graph of its own (past dynamo's
-recompile limit) keeps its guards.
+dynamo's guards (set_stance skip_guard_eval_unsafe): every call in a bucket passes what its guards check, tensors of
+the same shapes and dtypes, the same model and a cache of the bucket's shape (a new one after a sleep: dynamo does
+not guard the identity of the cache's tensors). A bucket without a graph of its own (past dynamo's recompile limit)
+keeps its guards.
 """
 
 from __future__ import annotations
