@@ -85,6 +85,16 @@ NEEDS_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) i
                                     reason="torch.compile on the CPU builds C++ and no compiler is installed")
 
 
+def compiled_and_eager_llama(tmp_path, seed: int) -> tuple[HFRolloutEngine, HFRolloutEngine]:
+    """A compiled and an eager engine holding the same tiny Llama's weights."""
+    hf = tiny_hf_model("llama", seed=seed)
+    hf.config.save_pretrained(tmp_path)
+    compiled, eager = HFRolloutEngine(str(tmp_path), compile=True), HFRolloutEngine(str(tmp_path))
+    for e in (compiled, eager):
+        e.sync_weights(hf.state_dict().items())
+    return compiled, eager
+
+
 @NEEDS_COMPILER
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3_moe"])  # Qwen3 dense: Qwen3-MoE's attention, Llama's MLP
 def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
@@ -123,11 +133,7 @@ def test_compiled_decoding_compiles_once_per_shape_bucket(tmp_path):
 
     assert shape_bucket(3, 20, 16) == (4, 32) and shape_bucket(16, 141, 16) == (16, 256)
     assert shape_bucket(20, 33, 24) == (24, 64)  # never more rows than max_batch_size (nor fewer than the batch)
-    hf = tiny_hf_model("llama", seed=4)
-    hf.config.save_pretrained(tmp_path)
-    engine, eager = HFRolloutEngine(str(tmp_path), compile=True), HFRolloutEngine(str(tmp_path))
-    for e in (engine, eager):
-        e.sync_weights(hf.state_dict().items())
+    engine, eager = compiled_and_eager_llama(tmp_path, seed=4)
     params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=1)
 
     def graphs_and_seconds(prompts, params=params):
@@ -152,11 +158,7 @@ def test_compiled_decoding_past_the_recompile_limit_keeps_its_guards(tmp_path, m
     dynamo's recompile limit a new bucket's step runs eagerly: that bucket keeps its guards (skipping them would
     raise), with a warning naming the limit, and still samples the eager engine's tokens."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    hf = tiny_hf_model("llama", seed=6)
-    hf.config.save_pretrained(tmp_path)
-    engine, eager = HFRolloutEngine(str(tmp_path), compile=True), HFRolloutEngine(str(tmp_path))
-    for e in (engine, eager):
-        e.sync_weights(hf.state_dict().items())
+    engine, eager = compiled_and_eager_llama(tmp_path, seed=6)
     params = SamplingParams(temperature=1.0, max_new_tokens=30, seed=2)
     engine.generate([[5, 17, 42]], params)  # bucket (1, 64): the step's first graph, or none where others exist
     prompts = [[5, 17, 42], [7, 9], [1, 2, 3], [4], [8, 8]]  # bucket (8, 64), which no other test uses: past the limit
