@@ -101,7 +101,7 @@ def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
     """Issue 21: rollout.compile. The static-cache decoding under torch.compile samples the eager engine's tokens,
     with its log-probs to float tolerance (compiled kernels round differently), for left-padded prompts in a batch
     padded to its bucket (3 rows -> 4), and an in-place weight sync reaches the compiled graph, which runs without
-    its guards, also after a sleep released the cache."""
+    its guards after each call's first step, also after a sleep released the cache and after dynamo's reset."""
     tiny_hf_model(name).config.save_pretrained(tmp_path)
     eager, compiled = HFRolloutEngine(str(tmp_path)), HFRolloutEngine(str(tmp_path), compile=True)
     prompts = [[5, 17, 42], [7, 7, 9, 100, 3], [11, 12]]
@@ -122,6 +122,9 @@ def test_compiled_decoding_matches_eager_and_sees_weight_syncs(name, tmp_path):
         compiled.sleep()  # as between training steps: the cache goes, and the next call's prefill allocates anew
     assert responses[0] != responses[1]  # the second sync changed what the compiled graph computes
     assert compile_seconds[1] == compile_seconds[0] > 0  # no second warm-up after the sleep
+    torch._dynamo.reset()  # the graphs are gone: each call's first step, still guarded, compiles the bucket again
+    assert ([s.response_ids for s in compiled.generate(prompts, params)]
+            == [s.response_ids for s in eager.generate(prompts, params)])
 
 
 @NEEDS_COMPILER

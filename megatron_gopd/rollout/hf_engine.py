@@ -13,11 +13,11 @@ log-probs agree with the eager engine's to float tolerance. Sampling stays eager
 generator's stream, and the tokens, do not depend on the padding.
 
 On the CPU a small model's compiled step spent as long in Python around its kernels as in them (bench_rollout):
-inductor's C++ wrapper launches the kernels from C++, and within a generate call the step runs without evaluating
-dynamo's guards (set_stance skip_guard_eval_unsafe): every call in a bucket passes what its guards check, tensors of
-the same shapes and dtypes, the same model and a cache of the bucket's shape (a new one after a sleep: dynamo does
-not guard the identity of the cache's tensors). A bucket without a graph of its own (past dynamo's recompile limit)
-keeps its guards.
+inductor's C++ wrapper launches the kernels from C++, and after the first decode step of a generate call (which
+evaluates dynamo's guards, and recompiles where they fail, e.g. after torch._dynamo.reset()) the steps skip them
+(set_stance skip_guard_eval_unsafe): they pass what the first step's guards checked, tensors of the same shapes and
+dtypes, the same model and the same cache. A bucket without a graph of its own (past dynamo's recompile limit) keeps
+its guards.
 """
 
 from __future__ import annotations
@@ -224,7 +224,8 @@ class HFRolloutEngine:
         tokens, logprobs = [], []
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         logits = self._step(input_ids, mask[:, :longest] if padded or compiled else None, positions, cache)
-        with _without_guards() if self._compiled_buckets.get((rows, length)) else contextlib.nullcontext():
+        guard_free = self._compiled_buckets.get((rows, length), False)
+        with contextlib.ExitStack() as unguarded:
             for step in range(params.max_new_tokens):
                 token, token_lp = sample_next(logits[:batch], params, generator)
                 tokens.append(token)
@@ -236,6 +237,8 @@ class HFRolloutEngine:
                 if not compiled:
                     attention = mask[:, : longest + step + 1] if padded else None
                 logits = decode(next_ids, attention, positions[:, -1:] + step + 1, cache)
+                if guard_free and step == 0:  # the call's first step passed the guards; the others pass the same
+                    unguarded.enter_context(_without_guards())
         tokens = torch.stack(tokens, 1).tolist()
         logprobs = torch.stack(logprobs, 1).tolist()
         samples = []
